@@ -1,0 +1,1 @@
+//! Config file: TOML schema, defaults, validation with file:line:column errors, check-config report.

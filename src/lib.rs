@@ -1,0 +1,26 @@
+//! nbd-failover: lease-gated failover of network block devices for stateful services.
+//!
+//! A node-local controller that wins a ZooKeeper lease for a volume, only then
+//! attaches the device, checks and mounts the filesystem and starts the task,
+//! and on (suspected) lease loss stops the task, unmounts and detaches — so a
+//! volume is attached to one node at a time.
+//!
+//! # Layout
+//!
+//! - [`core`]: the pure per-volume state machine (no IO, no clock, no tokio):
+//!   events in, effects and a reason out, `poll_timeout()` for timers.
+//!   - `core::time`: the caller-supplied [`core::Instant`].
+//!   - `core::policy`: timings, the fencing budget, restart and fsck policy.
+//!   - `core::event`, `core::effect`: the machine's inputs and outputs.
+//!   - `core::machine`: [`core::VolumeMachine`] itself.
+//!   - `core::rng`: the seeded random source (jitter), never the OS's.
+//! - [`config`]: the TOML config, its validation (file:line:column errors)
+//!   and the `check-config` report.
+//! - [`sim`]: the deterministic cluster simulation (nodes, a lease service with
+//!   ZooKeeper's timing, a virtual clock, seeded faults, invariant checks).
+//! - [`cli`]: the command-line interface behind the `nbd-failover` binary.
+
+pub mod cli;
+pub mod config;
+pub mod core;
+pub mod sim;

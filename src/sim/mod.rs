@@ -1,0 +1,1 @@
+//! Deterministic cluster simulation: nodes, a ZooKeeper-timed lease service, virtual clock, faults.
