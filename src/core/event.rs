@@ -83,6 +83,15 @@ pub enum Event {
         generation: Generation,
         /// Whether the previous holder recorded a clean release.
         predecessor_clean: bool,
+        /// Send time of the request whose answer told us we won.
+        last_contact: Instant,
+    },
+    /// The server answered a request sent at `last_contact` (heartbeat), same session.
+    /// The core fences on its own clock when these stop for `suspend_grace`,
+    /// even if no disconnect is ever reported.
+    LeaseHeartbeat {
+        /// Send time of the answered request.
+        last_contact: Instant,
     },
     /// The ZooKeeper connection is down; `last_contact` is when the server was last heard from.
     LeaseDisconnected {
@@ -90,7 +99,10 @@ pub enum Event {
         last_contact: Instant,
     },
     /// The connection came back within the same session.
-    LeaseReconnected,
+    LeaseReconnected {
+        /// Send time of the first answered request after the reconnect.
+        last_contact: Instant,
+    },
     /// The lease is gone for certain: session expired, or the lock node was deleted.
     LeaseLost,
     /// Attach completed.

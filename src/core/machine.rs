@@ -89,7 +89,8 @@ impl Phase {
 /// Knobs that deliberately break the machine, for testing the tests. Never set from config.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TestKnobs {
-    /// Start fencing this much later than the fence deadline allows.
+    /// Pretend ZooKeeper was last heard from this much later than it was: the
+    /// fence (and the watchdog's deadline) come this much too late.
     pub late_fence: Duration,
 }
 
@@ -163,7 +164,7 @@ enum Mode {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Contact {
-    Connected,
+    Connected { last_contact: Instant },
     Suspended { last_contact: Instant, fence_at: Instant, deadline: Instant },
 }
 
@@ -322,9 +323,9 @@ impl VolumeMachine {
     pub fn fence_deadline(&self) -> Option<Instant> {
         match self.lease {
             Lease::Held(Held { contact: Contact::Suspended { deadline, .. }, .. }) => Some(deadline),
-            Lease::Held(Held { contact: Contact::Connected, .. }) | Lease::Idle | Lease::Queued => {
-                None
-            }
+            Lease::Held(Held { contact: Contact::Connected { .. }, .. })
+            | Lease::Idle
+            | Lease::Queued => None,
         }
     }
 
@@ -376,7 +377,9 @@ impl VolumeMachine {
             return true;
         };
         let deadline = match self.lease {
-            Lease::Held(Held { contact: Contact::Connected, .. }) => return true,
+            Lease::Held(Held { contact: Contact::Connected { last_contact }, .. }) => {
+                last_contact + self.knobs.late_fence + self.policy.timings.deadline_after_contact()
+            }
             Lease::Held(Held { contact: Contact::Suspended { deadline, .. }, .. }) => deadline,
             Lease::Idle | Lease::Queued => match self.leaseless_deadline {
                 Some(d) => d,
@@ -402,10 +405,16 @@ impl VolumeMachine {
                     match h.contact {
                         Contact::Suspended { fence_at, .. } => {
                             if self.res.exposed() {
-                                at(fence_at + self.knobs.late_fence);
+                                at(fence_at);
                             }
                         }
-                        Contact::Connected => {
+                        Contact::Connected { last_contact } => {
+                            let bringing_up = self.res.exposed()
+                                || h.delay_until.is_some()
+                                || matches!(self.res.task, Task::Waiting { .. });
+                            if bringing_up {
+                                at(last_contact + self.knobs.late_fence + self.policy.timings.suspend_grace);
+                            }
                             if let Some(d) = h.delay_until {
                                 if self.res.attach == Slot::Down && self.policy.has_device {
                                     at(d);
@@ -462,11 +471,12 @@ impl VolumeMachine {
     fn absorb(&mut self, now: Instant, event: Event, fx: &mut Vec<Effect>) -> String {
         match event {
             Event::Start { leftovers } => self.on_start(now, leftovers),
-            Event::LeaseWon { generation, predecessor_clean } => {
-                self.on_won(now, generation, predecessor_clean, fx)
+            Event::LeaseWon { generation, predecessor_clean, last_contact } => {
+                self.on_won(now, generation, predecessor_clean, last_contact, fx)
             }
+            Event::LeaseHeartbeat { last_contact } => self.on_contact(last_contact, false),
             Event::LeaseDisconnected { last_contact } => self.on_disconnected(last_contact),
-            Event::LeaseReconnected => self.on_reconnected(),
+            Event::LeaseReconnected { last_contact } => self.on_contact(last_contact, true),
             Event::LeaseLost => self.on_lost(now),
             Event::Attached(outcome) => self.on_attached(now, outcome),
             Event::FsckDone(outcome) => self.on_fsck(now, outcome),
@@ -537,6 +547,7 @@ impl VolumeMachine {
         now: Instant,
         generation: Generation,
         predecessor_clean: bool,
+        last_contact: Instant,
         fx: &mut Vec<Effect>,
     ) -> String {
         let wanted = matches!(self.lease, Lease::Queued) && self.mode == Mode::Serving;
@@ -556,7 +567,7 @@ impl VolumeMachine {
         } else {
             Some(now + self.policy.timings.lock_delay)
         };
-        self.lease = Lease::Held(Held { generation, delay_until, contact: Contact::Connected });
+        self.lease = Lease::Held(Held { generation, delay_until, contact: Contact::Connected { last_contact } });
         match delay_until {
             None => format!("lease won (generation {generation}, predecessor released cleanly)"),
             Some(u) => format!(
@@ -568,14 +579,15 @@ impl VolumeMachine {
 
     fn on_disconnected(&mut self, last_contact: Instant) -> String {
         let t = self.policy.timings.clone();
+        let skew = self.knobs.late_fence;
         match &mut self.lease {
             Lease::Held(h) => {
                 let last = match h.contact {
                     Contact::Suspended { last_contact: prev, .. } => prev.min(last_contact),
-                    Contact::Connected => last_contact,
+                    Contact::Connected { last_contact: prev } => prev.min(last_contact),
                 };
-                let fence_at = last + t.suspend_grace;
-                let deadline = last + t.deadline_after_contact();
+                let fence_at = last + skew + t.suspend_grace;
+                let deadline = last + skew + t.deadline_after_contact();
                 h.contact = Contact::Suspended { last_contact: last, fence_at, deadline };
                 format!(
                     "ZooKeeper disconnected (last contact {last}): suspended, fence at {fence_at} unless contact returns, deadline {deadline}"
@@ -587,21 +599,34 @@ impl VolumeMachine {
         }
     }
 
-    fn on_reconnected(&mut self) -> String {
+    fn on_contact(&mut self, last_contact: Instant, reconnect: bool) -> String {
         let fencing = matches!(self.mode, Mode::Fencing(_));
         match &mut self.lease {
             Lease::Held(h) => match h.contact {
                 Contact::Suspended { .. } => {
-                    h.contact = Contact::Connected;
+                    h.contact = Contact::Connected { last_contact };
                     if fencing {
                         "ZooKeeper contact back within the session, but fencing is one-way: finishing it".to_string()
                     } else {
                         "ZooKeeper contact back within the session: suspension cancelled".to_string()
                     }
                 }
-                Contact::Connected => "ZooKeeper reconnected".to_string(),
+                Contact::Connected { last_contact: prev } => {
+                    h.contact = Contact::Connected { last_contact: prev.max(last_contact) };
+                    if reconnect {
+                        "ZooKeeper reconnected".to_string()
+                    } else {
+                        String::new()
+                    }
+                }
             },
-            Lease::Idle | Lease::Queued => "ZooKeeper reconnected".to_string(),
+            Lease::Idle | Lease::Queued => {
+                if reconnect {
+                    "ZooKeeper reconnected".to_string()
+                } else {
+                    String::new()
+                }
+            }
         }
     }
 
@@ -615,7 +640,7 @@ impl VolumeMachine {
                 let after_delay = now + t.lock_delay.saturating_sub(t.margin);
                 self.leaseless_deadline = Some(match h.contact {
                     Contact::Suspended { deadline, .. } => deadline.max(after_delay),
-                    Contact::Connected => after_delay,
+                    Contact::Connected { .. } => after_delay,
                 });
                 if !self.res.exposed() {
                     return format!("lease lost (generation {})", h.generation);
@@ -983,11 +1008,28 @@ impl VolumeMachine {
             self.begin_fence(Cause::Inconsistent, true, After::Contend);
             return self.step(now, fx);
         }
+        if let Contact::Connected { last_contact } = held.contact {
+            let t = &self.policy.timings;
+            let base = last_contact + self.knobs.late_fence;
+            if now >= base + t.suspend_grace {
+                let fence_at = base + t.suspend_grace;
+                let deadline = base + t.deadline_after_contact();
+                if let Lease::Held(h) = &mut self.lease {
+                    h.contact = Contact::Suspended { last_contact, fence_at, deadline };
+                }
+                let said = format!(
+                    "no answer from ZooKeeper since {last_contact} (suspend_grace {}): suspended, deadline {deadline}",
+                    fmt_duration(t.suspend_grace)
+                );
+                let more = self.step_serving(now, fx);
+                return join(said, more);
+            }
+        }
         if let Contact::Suspended { fence_at, .. } = held.contact {
             if !self.res.exposed() {
                 return "holding still while disconnected (nothing attached)".to_string();
             }
-            if now >= fence_at + self.knobs.late_fence {
+            if now >= fence_at {
                 self.begin_fence(Cause::Suspended, false, After::Contend);
                 let what = "no ZooKeeper contact within suspend_grace: fencing".to_string();
                 let more = self.step(now, fx);
