@@ -164,8 +164,14 @@ enum Mode {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Contact {
-    Connected { last_contact: Instant },
-    Suspended { last_contact: Instant, fence_at: Instant, deadline: Instant },
+    Connected {
+        last_contact: Instant,
+    },
+    Suspended {
+        last_contact: Instant,
+        fence_at: Instant,
+        deadline: Instant,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -200,9 +206,14 @@ enum Task {
     Down,
     Starting,
     Up,
-    Stopping { kill_at: Instant, killed: bool },
+    Stopping {
+        kill_at: Instant,
+        killed: bool,
+    },
     /// Down, restart scheduled.
-    Waiting { until: Instant },
+    Waiting {
+        until: Instant,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -322,8 +333,14 @@ impl VolumeMachine {
     /// The fence deadline while suspended: last contact + T − margin.
     pub fn fence_deadline(&self) -> Option<Instant> {
         match self.lease {
-            Lease::Held(Held { contact: Contact::Suspended { deadline, .. }, .. }) => Some(deadline),
-            Lease::Held(Held { contact: Contact::Connected { .. }, .. })
+            Lease::Held(Held {
+                contact: Contact::Suspended { deadline, .. },
+                ..
+            }) => Some(deadline),
+            Lease::Held(Held {
+                contact: Contact::Connected { .. },
+                ..
+            })
             | Lease::Idle
             | Lease::Queued => None,
         }
@@ -339,7 +356,10 @@ impl VolumeMachine {
             Mode::Fencing(_) => Phase::Fencing,
             Mode::Serving => match self.lease {
                 Lease::Idle | Lease::Queued => Phase::Contending,
-                Lease::Held(Held { contact: Contact::Suspended { .. }, .. }) => Phase::Suspended,
+                Lease::Held(Held {
+                    contact: Contact::Suspended { .. },
+                    ..
+                }) => Phase::Suspended,
                 Lease::Held(h) => {
                     if self.res.attach == Slot::Down
                         && h.delay_until.is_some()
@@ -347,7 +367,9 @@ impl VolumeMachine {
                     {
                         return Phase::LockDelay;
                     }
-                    if self.res.attach == Slot::Going || (self.res.attach == Slot::Down && self.policy.has_device) {
+                    if self.res.attach == Slot::Going
+                        || (self.res.attach == Slot::Down && self.policy.has_device)
+                    {
                         Phase::Attaching
                     } else if self.res.fsck == Slot::Going {
                         Phase::Checking
@@ -377,10 +399,16 @@ impl VolumeMachine {
             return true;
         };
         let deadline = match self.lease {
-            Lease::Held(Held { contact: Contact::Connected { last_contact }, .. }) => {
+            Lease::Held(Held {
+                contact: Contact::Connected { last_contact },
+                ..
+            }) => {
                 last_contact + self.knobs.late_fence + self.policy.timings.deadline_after_contact()
             }
-            Lease::Held(Held { contact: Contact::Suspended { deadline, .. }, .. }) => deadline,
+            Lease::Held(Held {
+                contact: Contact::Suspended { deadline, .. },
+                ..
+            }) => deadline,
             Lease::Idle | Lease::Queued => match self.leaseless_deadline {
                 Some(d) => d,
                 None => return false,
@@ -413,7 +441,9 @@ impl VolumeMachine {
                                 || h.delay_until.is_some()
                                 || matches!(self.res.task, Task::Waiting { .. });
                             if bringing_up {
-                                at(last_contact + self.knobs.late_fence + self.policy.timings.suspend_grace);
+                                at(last_contact
+                                    + self.knobs.late_fence
+                                    + self.policy.timings.suspend_grace);
                             }
                             if let Some(d) = h.delay_until {
                                 if self.res.attach == Slot::Down && self.policy.has_device {
@@ -428,7 +458,11 @@ impl VolumeMachine {
                 }
             }
             Mode::Fencing(_) => {
-                if let Task::Stopping { kill_at, killed: false } = self.res.task {
+                if let Task::Stopping {
+                    kill_at,
+                    killed: false,
+                } = self.res.task
+                {
                     at(kill_at);
                 }
                 if let Some(r) = self.retry_at {
@@ -471,9 +505,11 @@ impl VolumeMachine {
     fn absorb(&mut self, now: Instant, event: Event, fx: &mut Vec<Effect>) -> String {
         match event {
             Event::Start { leftovers } => self.on_start(now, leftovers),
-            Event::LeaseWon { generation, predecessor_clean, last_contact } => {
-                self.on_won(now, generation, predecessor_clean, last_contact, fx)
-            }
+            Event::LeaseWon {
+                generation,
+                predecessor_clean,
+                last_contact,
+            } => self.on_won(now, generation, predecessor_clean, last_contact, fx),
             Event::LeaseHeartbeat { last_contact } => self.on_contact(last_contact, false),
             Event::LeaseDisconnected { last_contact } => self.on_disconnected(last_contact),
             Event::LeaseReconnected { last_contact } => self.on_contact(last_contact, true),
@@ -539,7 +575,10 @@ impl VolumeMachine {
         let t = &self.policy.timings;
         self.leaseless_deadline = Some(now + t.lock_delay.saturating_sub(t.margin));
         self.begin_fence(Cause::Leftovers, false, After::Contend);
-        format!("found leftovers ({}): fencing them before contending", found.join(", "))
+        format!(
+            "found leftovers ({}): fencing them before contending",
+            found.join(", ")
+        )
     }
 
     fn on_won(
@@ -550,13 +589,27 @@ impl VolumeMachine {
         last_contact: Instant,
         fx: &mut Vec<Effect>,
     ) -> String {
+        if let Lease::Held(h) = self.lease {
+            if h.generation == generation {
+                return format!(
+                    "lease win for generation {generation} reported again: already held"
+                );
+            }
+        }
         let wanted = matches!(self.lease, Lease::Queued) && self.mode == Mode::Serving;
         if !wanted {
             // Never keep a lease we did not ask for; do not launder an unclean predecessor.
-            fx.push(Effect::Release { generation, clean: predecessor_clean });
+            fx.push(Effect::Release {
+                generation,
+                clean: predecessor_clean,
+            });
             return format!(
                 "lease won (generation {generation}) while not contending: releasing it{}",
-                if predecessor_clean { " cleanly" } else { " as unclean (predecessor was unclean)" }
+                if predecessor_clean {
+                    " cleanly"
+                } else {
+                    " as unclean (predecessor was unclean)"
+                }
             );
         }
         self.restarts = 0;
@@ -567,7 +620,11 @@ impl VolumeMachine {
         } else {
             Some(now + self.policy.timings.lock_delay)
         };
-        self.lease = Lease::Held(Held { generation, delay_until, contact: Contact::Connected { last_contact } });
+        self.lease = Lease::Held(Held {
+            generation,
+            delay_until,
+            contact: Contact::Connected { last_contact },
+        });
         match delay_until {
             None => format!("lease won (generation {generation}, predecessor released cleanly)"),
             Some(u) => format!(
@@ -583,12 +640,18 @@ impl VolumeMachine {
         match &mut self.lease {
             Lease::Held(h) => {
                 let last = match h.contact {
-                    Contact::Suspended { last_contact: prev, .. } => prev.min(last_contact),
+                    Contact::Suspended {
+                        last_contact: prev, ..
+                    } => prev.min(last_contact),
                     Contact::Connected { last_contact: prev } => prev.min(last_contact),
                 };
                 let fence_at = last + skew + t.suspend_grace;
                 let deadline = last + skew + t.deadline_after_contact();
-                h.contact = Contact::Suspended { last_contact: last, fence_at, deadline };
+                h.contact = Contact::Suspended {
+                    last_contact: last,
+                    fence_at,
+                    deadline,
+                };
                 format!(
                     "ZooKeeper disconnected (last contact {last}): suspended, fence at {fence_at} unless contact returns, deadline {deadline}"
                 )
@@ -608,11 +671,14 @@ impl VolumeMachine {
                     if fencing {
                         "ZooKeeper contact back within the session, but fencing is one-way: finishing it".to_string()
                     } else {
-                        "ZooKeeper contact back within the session: suspension cancelled".to_string()
+                        "ZooKeeper contact back within the session: suspension cancelled"
+                            .to_string()
                     }
                 }
                 Contact::Connected { last_contact: prev } => {
-                    h.contact = Contact::Connected { last_contact: prev.max(last_contact) };
+                    h.contact = Contact::Connected {
+                        last_contact: prev.max(last_contact),
+                    };
                     if reconnect {
                         "ZooKeeper reconnected".to_string()
                     } else {
@@ -648,7 +714,10 @@ impl VolumeMachine {
                 match &mut self.mode {
                     Mode::Fencing(f) => {
                         f.urgent = true;
-                        format!("lease lost (generation {}) during the fence: escalating to SIGKILL", h.generation)
+                        format!(
+                            "lease lost (generation {}) during the fence: escalating to SIGKILL",
+                            h.generation
+                        )
                     }
                     Mode::Init | Mode::Serving | Mode::Out { .. } | Mode::Stopped => {
                         self.begin_fence(Cause::LeaseLost, true, After::Contend);
@@ -769,7 +838,9 @@ impl VolumeMachine {
                     }
                 }
             }
-            Task::Down | Task::Waiting { .. } => format!("exit of a task not running ignored ({status})"),
+            Task::Down | Task::Waiting { .. } => {
+                format!("exit of a task not running ignored ({status})")
+            }
         }
     }
 
@@ -795,7 +866,9 @@ impl VolumeMachine {
         }
         if success && r.mode == RestartMode::OnFailure {
             self.begin_fence(Cause::TaskDone, false, After::Hold);
-            return format!("{what}: finished cleanly, releasing the volume and staying out until resumed");
+            return format!(
+                "{what}: finished cleanly, releasing the volume and staying out until resumed"
+            );
         }
         let backoff = self.policy.timings.handover_backoff;
         self.begin_fence(Cause::CrashLoop, false, After::Backoff(backoff));
@@ -819,13 +892,18 @@ impl VolumeMachine {
                 self.unmount_failures += 1;
                 let at = now + self.policy.timings.retry_interval;
                 self.retry_at = Some(at);
-                format!("unmount failed ({e}), attempt {}: retrying at {at}", self.unmount_failures)
+                format!(
+                    "unmount failed ({e}), attempt {}: retrying at {at}",
+                    self.unmount_failures
+                )
             }
             (Slot::Down | Slot::Going | Slot::Up, Ok(())) => {
                 self.res.mount = Slot::Down;
                 "unexpected unmount completion: treating the volume as unmounted".to_string()
             }
-            (Slot::Down | Slot::Going | Slot::Up, Err(e)) => format!("unexpected unmount failure ignored ({e})"),
+            (Slot::Down | Slot::Going | Slot::Up, Err(e)) => {
+                format!("unexpected unmount failure ignored ({e})")
+            }
         }
     }
 
@@ -847,7 +925,9 @@ impl VolumeMachine {
                 self.res.attach = Slot::Down;
                 "unexpected detach completion: treating the device as detached".to_string()
             }
-            (Slot::Down | Slot::Going | Slot::Up, Err(e)) => format!("unexpected detach failure ignored ({e})"),
+            (Slot::Down | Slot::Going | Slot::Up, Err(e)) => {
+                format!("unexpected detach failure ignored ({e})")
+            }
         }
     }
 
@@ -876,7 +956,11 @@ impl VolumeMachine {
 
     fn on_release(&mut self, rejoin: bool, fx: &mut Vec<Effect>) -> String {
         let then = if rejoin { After::Contend } else { After::Hold };
-        let verb = if rejoin { "release (hand-over)" } else { "drain" };
+        let verb = if rejoin {
+            "release (hand-over)"
+        } else {
+            "drain"
+        };
         match &mut self.mode {
             Mode::Stopped | Mode::Init => format!("{verb} ignored: not running"),
             Mode::Fencing(f) => {
@@ -911,11 +995,16 @@ impl VolumeMachine {
                 if f.then != After::Stop {
                     f.then = After::Hold;
                 }
-                "forced detach during the fence: escalating to SIGKILL and forced unmount".to_string()
+                "forced detach during the fence: escalating to SIGKILL and forced unmount"
+                    .to_string()
             }
             Mode::Init | Mode::Serving | Mode::Out { .. } | Mode::Stopped => {
                 if self.res.exposed() || matches!(self.lease, Lease::Held(_)) {
-                    let then = if self.mode == Mode::Stopped { After::Stop } else { After::Hold };
+                    let then = if self.mode == Mode::Stopped {
+                        After::Stop
+                    } else {
+                        After::Hold
+                    };
                     self.begin_fence(Cause::ForceDetach, true, then);
                     self.current_fence_force();
                     "forced detach: SIGKILL, forced unmount, detach, then staying out".to_string()
@@ -949,7 +1038,11 @@ impl VolumeMachine {
         self.failures += 1;
         let backoff = self.backoff();
         self.begin_fence(cause, false, After::Backoff(backoff));
-        let alert = if cause == Cause::FsckRefused { "ALERT: " } else { "" };
+        let alert = if cause == Cause::FsckRefused {
+            "ALERT: "
+        } else {
+            ""
+        };
         format!(
             "{alert}{} ({err}): not mounting; releasing and backing off {}",
             cause.describe(),
@@ -960,11 +1053,18 @@ impl VolumeMachine {
     fn backoff(&mut self) -> Duration {
         let t = &self.policy.timings;
         let exp = self.failures.saturating_sub(1).min(20);
-        let base = t.backoff_initial.saturating_mul(1u32 << exp.min(16)).min(t.backoff_max);
+        let base = t
+            .backoff_initial
+            .saturating_mul(1u32 << exp.min(16))
+            .min(t.backoff_max);
         // ±10 % jitter so that nodes failing together do not retry in lockstep.
         let ms = base.as_millis() as u64;
         let jitter = ms / 10;
-        let j = if jitter == 0 { 0 } else { self.rng.range(0, 2 * jitter) };
+        let j = if jitter == 0 {
+            0
+        } else {
+            self.rng.range(0, 2 * jitter)
+        };
         Duration::from_millis(ms - jitter + j)
     }
 
@@ -972,7 +1072,12 @@ impl VolumeMachine {
         self.unmount_failures = 0;
         self.retry_at = None;
         self.overdue_reported = false;
-        self.mode = Mode::Fencing(Fence { cause, urgent, force_unmount: false, then });
+        self.mode = Mode::Fencing(Fence {
+            cause,
+            urgent,
+            force_unmount: false,
+            then,
+        });
     }
 
     // ------------------------------------------------------------------ step
@@ -1015,7 +1120,11 @@ impl VolumeMachine {
                 let fence_at = base + t.suspend_grace;
                 let deadline = base + t.deadline_after_contact();
                 if let Lease::Held(h) = &mut self.lease {
-                    h.contact = Contact::Suspended { last_contact, fence_at, deadline };
+                    h.contact = Contact::Suspended {
+                        last_contact,
+                        fence_at,
+                        deadline,
+                    };
                 }
                 let said = format!(
                     "no answer from ZooKeeper since {last_contact} (suspend_grace {}): suspended, deadline {deadline}",
@@ -1063,7 +1172,10 @@ impl VolumeMachine {
                 match self.res.fsck {
                     Slot::Down => {
                         self.res.fsck = Slot::Going;
-                        fx.push(Effect::Fsck { generation: g, force });
+                        fx.push(Effect::Fsck {
+                            generation: g,
+                            force,
+                        });
                         return "checking the filesystem".to_string();
                     }
                     Slot::Going | Slot::Leaving => return String::new(),
@@ -1122,20 +1234,34 @@ impl VolumeMachine {
             Task::Up => {
                 if f.urgent {
                     fx.push(Effect::SignalTask(TaskSignal::Kill));
-                    self.res.task = Task::Stopping { kill_at: now, killed: true };
+                    self.res.task = Task::Stopping {
+                        kill_at: now,
+                        killed: true,
+                    };
                     said.push("sending SIGKILL to the task group".to_string());
                 } else {
                     let kill_at = now + self.policy.timings.stop_grace;
                     fx.push(Effect::SignalTask(TaskSignal::Term));
-                    self.res.task = Task::Stopping { kill_at, killed: false };
-                    said.push(format!("sending SIGTERM to the task group (SIGKILL at {kill_at})"));
+                    self.res.task = Task::Stopping {
+                        kill_at,
+                        killed: false,
+                    };
+                    said.push(format!(
+                        "sending SIGTERM to the task group (SIGKILL at {kill_at})"
+                    ));
                 }
                 return said.join("; ");
             }
-            Task::Stopping { kill_at, killed: false } => {
+            Task::Stopping {
+                kill_at,
+                killed: false,
+            } => {
                 if f.urgent || now >= kill_at {
                     fx.push(Effect::SignalTask(TaskSignal::Kill));
-                    self.res.task = Task::Stopping { kill_at, killed: true };
+                    self.res.task = Task::Stopping {
+                        kill_at,
+                        killed: true,
+                    };
                     said.push("stop_grace over: sending SIGKILL to the task group".to_string());
                 }
                 return said.join("; ");
@@ -1156,11 +1282,16 @@ impl VolumeMachine {
                 if self.retry_at.is_some_and(|r| now < r) {
                     return said.join("; ");
                 }
-                let force = f.force_unmount || self.unmount_failures >= self.policy.timings.force_unmount_after;
+                let force = f.force_unmount
+                    || self.unmount_failures >= self.policy.timings.force_unmount_after;
                 self.res.mount = Slot::Leaving;
                 self.retry_at = None;
                 fx.push(Effect::Unmount { force });
-                said.push(if force { "unmounting (forced)".to_string() } else { "unmounting".to_string() });
+                said.push(if force {
+                    "unmounting (forced)".to_string()
+                } else {
+                    "unmounting".to_string()
+                });
                 return said.join("; ");
             }
             Slot::Going | Slot::Leaving => return said.join("; "),
@@ -1189,7 +1320,10 @@ impl VolumeMachine {
         if let Lease::Held(h) = self.lease {
             let inherited_unclean = h.delay_until.is_some_and(|u| now < u);
             let clean = f.cause != Cause::ForceDetach && !inherited_unclean;
-            fx.push(Effect::Release { generation: h.generation, clean });
+            fx.push(Effect::Release {
+                generation: h.generation,
+                clean,
+            });
             self.lease = Lease::Idle;
             let _ = write!(
                 done,

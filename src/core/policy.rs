@@ -120,14 +120,33 @@ impl Timings {
     /// The fencing budget: `suspend_grace + stop_grace + unmount + detach + margin ≤ T`.
     pub fn fence_budget(&self) -> FenceBudget {
         let items = vec![
-            BudgetItem { key: "suspend_grace", value: self.suspend_grace },
-            BudgetItem { key: "stop_grace", value: self.stop_grace },
-            BudgetItem { key: "unmount", value: self.unmount_budget },
-            BudgetItem { key: "detach", value: self.detach_budget },
-            BudgetItem { key: "margin", value: self.margin },
+            BudgetItem {
+                key: "suspend_grace",
+                value: self.suspend_grace,
+            },
+            BudgetItem {
+                key: "stop_grace",
+                value: self.stop_grace,
+            },
+            BudgetItem {
+                key: "unmount",
+                value: self.unmount_budget,
+            },
+            BudgetItem {
+                key: "detach",
+                value: self.detach_budget,
+            },
+            BudgetItem {
+                key: "margin",
+                value: self.margin,
+            },
         ];
         let total = items.iter().map(|i| i.value).sum();
-        FenceBudget { items, total, limit: self.session_timeout }
+        FenceBudget {
+            items,
+            total,
+            limit: self.session_timeout,
+        }
     }
 
     /// The fence deadline relative to last contact: `T − margin`.
@@ -160,7 +179,11 @@ pub struct RestartPolicy {
 
 impl Default for RestartPolicy {
     fn default() -> Self {
-        RestartPolicy { mode: RestartMode::OnFailure, max_restarts: 3, backoff: Duration::from_secs(1) }
+        RestartPolicy {
+            mode: RestartMode::OnFailure,
+            max_restarts: 3,
+            backoff: Duration::from_secs(1),
+        }
     }
 }
 

@@ -91,7 +91,13 @@ mod tests {
     fn instant_arithmetic_saturates() {
         let t = Instant::from_millis(1000);
         assert_eq!((t - Duration::from_secs(5)), Instant::ZERO);
-        assert_eq!(t.saturating_since(Instant::from_millis(2000)), Duration::ZERO);
-        assert_eq!((t + Duration::from_millis(500)).since_origin(), Duration::from_millis(1500));
+        assert_eq!(
+            t.saturating_since(Instant::from_millis(2000)),
+            Duration::ZERO
+        );
+        assert_eq!(
+            (t + Duration::from_millis(500)).since_origin(),
+            Duration::from_millis(1500)
+        );
     }
 }
