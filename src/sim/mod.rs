@@ -25,6 +25,8 @@
 //! The simulation is pure too: no clock, no IO. The test driver (tests/sim.rs)
 //! and `nbd-failover simulate` run it.
 
+pub mod demo;
+
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::time::Duration;
@@ -99,6 +101,43 @@ pub struct SimConfig {
     pub knobs: TestKnobs,
     /// Keep a narrated trace of every decision.
     pub trace: bool,
+    /// Faults at fixed times (on top of the random ones), for demos and scenarios.
+    pub script: Vec<Scripted>,
+}
+
+/// Which node a scripted fault hits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// The node running the task at that moment (else the one with the device attached).
+    Holder,
+    /// A fixed node.
+    Node(usize),
+}
+
+/// A fault injected at a fixed time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ScriptedKind {
+    /// Cut the node from ZooKeeper for this long.
+    Partition(Duration),
+    /// kill -9 the daemon (systemd restarts it after the given delay).
+    KillDaemon(Duration),
+    /// SIGSTOP the daemon for this long.
+    Pause(Duration),
+    /// Power loss.
+    PowerLoss,
+    /// Operator hand-over (`release`).
+    Release,
+}
+
+/// One scripted fault.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Scripted {
+    /// When.
+    pub at: Duration,
+    /// Whom.
+    pub target: Target,
+    /// What.
+    pub kind: ScriptedKind,
 }
 
 impl SimConfig {
@@ -136,6 +175,7 @@ impl SimConfig {
             faults: Faults::default(),
             knobs: TestKnobs::default(),
             trace: false,
+            script: Vec::new(),
         }
         .with_bound()
     }
@@ -187,6 +227,8 @@ pub struct SimOutcome {
     pub violation: Option<Violation>,
     /// Narrated trace (only when `SimConfig::trace`).
     pub trace: Vec<String>,
+    /// Each interval with no task running anywhere, after the first start.
+    pub downtimes: Vec<Duration>,
 }
 
 // ------------------------------------------------------------------ model
@@ -277,6 +319,8 @@ enum Ev {
     DaemonStart { node: NodeId, boot: u32 },
     /// Liveness check once faults have stopped.
     LivenessCheck,
+    /// A scripted fault.
+    Scripted(usize),
 }
 
 #[derive(Clone, Debug)]
@@ -384,6 +428,7 @@ struct Sim<'c> {
     last_runner: Option<NodeId>,
     faults_on: bool,
     t: Timings,
+    down_since: Option<Instant>,
 }
 
 const NET: (u64, u64) = (1, 5);
@@ -453,7 +498,11 @@ pub fn run(seed: u64, cfg: &SimConfig) -> SimOutcome {
         last_runner: None,
         faults_on: true,
         t: cfg.policy.timings.clone(),
+        down_since: None,
     };
+    for (i, sc) in cfg.script.iter().enumerate() {
+        sim.at(sc.at, Ev::Scripted(i));
+    }
     for n in 0..cfg.nodes {
         let d = Duration::from_millis(sim.rng.range(0, 300));
         sim.at(d, Ev::DaemonStart { node: n, boot: 0 });
@@ -606,6 +655,7 @@ impl<'c> Sim<'c> {
                 }
             }
             Ev::DaemonStart { node, boot } => self.daemon_start(node, boot),
+            Ev::Scripted(i) => self.scripted(i),
             Ev::LivenessCheck => {
                 if !self.nodes.iter().any(|n| n.task.is_some()) {
                     let states: Vec<String> = self
@@ -1094,6 +1144,7 @@ impl<'c> Sim<'c> {
                     Some(node),
                     format!("task {task} running under generation {gen:?}"),
                 );
+                self.task_changed();
                 self.send_daemon(node, Duration::ZERO, Event::TaskStarted(Ok(())));
                 if self.faults_on && self.now < self.nodes[node].crash_loop_until {
                     let d = self.ms(100, 2000);
@@ -1112,6 +1163,7 @@ impl<'c> Sim<'c> {
             WorldEv::TaskExit { task, status } => {
                 if self.nodes[node].task.as_ref().map(|t| t.id) == Some(task) {
                     self.nodes[node].task = None;
+                    self.task_changed();
                     self.send_daemon(node, Duration::ZERO, Event::TaskExited(status));
                 }
             }
@@ -1119,6 +1171,86 @@ impl<'c> Sim<'c> {
     }
 
     // ------------------------------------------------------------ faults
+
+    fn scripted(&mut self, i: usize) {
+        let sc = self.cfg.script[i].clone();
+        let node = match sc.target {
+            Target::Node(n) => n,
+            Target::Holder => {
+                let by_task = self.nodes.iter().position(|n| n.task.is_some());
+                match by_task.or_else(|| self.nodes.iter().position(|n| n.attached.is_some())) {
+                    Some(n) => n,
+                    None => {
+                        self.note(
+                            None,
+                            format!("scripted {:?}: nobody holds the volume, skipped", sc.kind),
+                        );
+                        return;
+                    }
+                }
+            }
+        };
+        self.out.faults += 1;
+        match sc.kind {
+            ScriptedKind::Partition(d) => {
+                let n = &mut self.nodes[node];
+                n.link_up = false;
+                n.partition_id += 1;
+                let id = n.partition_id;
+                self.note(
+                    Some(node),
+                    format!("FAULT: partitioned from ZooKeeper for {}", fmt_duration(d)),
+                );
+                self.at(d, Ev::Heal { node, id });
+            }
+            ScriptedKind::KillDaemon(d) => {
+                self.note(
+                    Some(node),
+                    "FAULT: daemon killed (kill -9); its task dies with it".to_string(),
+                );
+                self.kill_daemon(node);
+                let boot = self.nodes[node].boot;
+                self.at(d, Ev::DaemonStart { node, boot });
+            }
+            ScriptedKind::Pause(d) => {
+                self.note(
+                    Some(node),
+                    format!("FAULT: daemon paused (SIGSTOP) for {}", fmt_duration(d)),
+                );
+                self.nodes[node].run = Run::Paused;
+                let inc = self.nodes[node].inc;
+                self.at(d, Ev::Resume { node, inc });
+            }
+            ScriptedKind::PowerLoss => {
+                self.note(Some(node), "FAULT: node lost power".to_string());
+                self.power_off(node);
+            }
+            ScriptedKind::Release => {
+                self.note(Some(node), "operator: nbd-failover release".to_string());
+                if self.nodes[node].run == Run::Alive {
+                    self.core(node, Event::Release { rejoin: true });
+                }
+            }
+        }
+    }
+
+    /// Tracks intervals with no task running anywhere.
+    fn task_changed(&mut self) {
+        let running = self.nodes.iter().any(|n| n.task.is_some());
+        match (running, self.down_since) {
+            (true, Some(since)) => {
+                let gap = self.now.saturating_since(since);
+                self.out.downtimes.push(gap);
+                self.down_since = None;
+                self.note(
+                    None,
+                    format!("task back after {} without one", fmt_duration(gap)),
+                );
+            }
+            (false, None) if self.last_runner.is_some() => self.down_since = Some(self.now),
+            (true, None) | (false, Some(_)) | (false, None) => {}
+        }
+    }
 
     fn fault(&mut self) {
         if !self.faults_on {
@@ -1217,6 +1349,7 @@ impl<'c> Sim<'c> {
         n.task = None;
         n.client.session = None;
         n.deferred.clear();
+        self.task_changed();
     }
 
     /// The node loses power (or the watchdog resets it): everything on it is gone.
@@ -1233,6 +1366,7 @@ impl<'c> Sim<'c> {
         n.deferred.clear();
         n.wd_check_at = None;
         let boot = n.boot;
+        self.task_changed();
         let d = self.ms(3000, MAX_REBOOT.as_millis() as u64);
         self.at(d, Ev::DaemonStart { node, boot });
     }
