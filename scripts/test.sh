@@ -106,7 +106,7 @@ run_step clippy cargo clippy "${locked[@]}" --all-targets -- -D warnings
 run_step core-purity scripts/check-core-purity.sh
 run_step purity-selftest scripts/check-core-purity-selftest.sh
 run_step file-headers scripts/check-core-purity.sh --all-files
-run_step tests cargo test "${locked[@]}" --release --all-targets
+run_step tests cargo test "${locked[@]}" --release --all-targets -- --show-output
 run_step doctests cargo test "${locked[@]}" --release --doc
 
 passed=0

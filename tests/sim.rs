@@ -1,6 +1,6 @@
 //! Deterministic simulation: many seeded runs of a 3-node cluster under faults, invariants checked every step.
 //!
-//! `SIM_SEEDS=N` runs N seeds (default 10,000); `SIM_SEED=S` replays one seed
+//! `SIM_SEEDS=N` runs N seeds (default 30,000); `SIM_SEED=S` replays one seed
 //! and prints its whole trace. A failure prints the seed and the end of its trace.
 
 use std::time::{Duration, Instant};
@@ -89,7 +89,7 @@ fn invariants_hold_over_many_seeds() {
         );
         return;
     }
-    let seeds = env_u64("SIM_SEEDS").unwrap_or(10_000);
+    let seeds = env_u64("SIM_SEEDS").unwrap_or(30_000);
     let first = env_u64("SIM_FIRST_SEED").unwrap_or(1);
     let started = Instant::now();
     let (stats, failed) = parallel_sweep(first, seeds, &cfg);
@@ -227,4 +227,31 @@ fn lock_delay_covers_a_fence_that_overruns_its_budget() {
         first_violation(&cfg, 5_000).expect("hangs without lock-delay or watchdog must be caught");
     println!("no watchdog, no lock-delay: overlap at seed {seed}: {what}");
     assert!(what.contains("OVERLAP"), "{what}");
+}
+
+#[test]
+fn the_demo_fails_over_four_times_and_a_clean_hand_over_skips_the_lock_delay() {
+    let (lines, o) = sim::demo::demo(1);
+    assert!(o.violation.is_none(), "{}", lines.join("\n"));
+    assert_eq!(o.failovers, 4, "{}", lines.join("\n"));
+    assert_eq!(o.downtimes.len(), 4, "{}", lines.join("\n"));
+    let lock_delay = SimConfig::standard().policy.timings.lock_delay;
+    // Partition, kill -9 and pause end uncleanly: the next holder waits lock_delay.
+    for d in &o.downtimes[..3] {
+        assert!(
+            *d > lock_delay,
+            "unclean failover faster than the lock-delay: {d:?}"
+        );
+    }
+    // The operator hand-over releases cleanly: no lock-delay.
+    assert!(
+        o.downtimes[3] < lock_delay,
+        "clean hand-over waited: {:?}",
+        o.downtimes[3]
+    );
+    assert_eq!(
+        o.watchdog_resets, 1,
+        "the paused holder is reset by the watchdog"
+    );
+    println!("demo downtimes: {:?}", o.downtimes);
 }
