@@ -125,6 +125,8 @@ pub enum ScriptedKind {
     Pause(Duration),
     /// Power loss.
     PowerLoss,
+    /// Tasks started on the node crash soon after, for this long.
+    CrashLoop(Duration),
     /// Operator hand-over (`release`).
     Release,
 }
@@ -1190,8 +1192,13 @@ impl<'c> Sim<'c> {
                 }
             }
         };
-        self.out.faults += 1;
-        match sc.kind {
+        self.inject(node, sc.kind);
+    }
+
+    /// Applies one fault to `node` (random or scripted).
+    fn inject(&mut self, node: NodeId, kind: ScriptedKind) {
+        let run = self.nodes[node].run;
+        match kind {
             ScriptedKind::Partition(d) => {
                 let n = &mut self.nodes[node];
                 n.link_up = false;
@@ -1204,6 +1211,9 @@ impl<'c> Sim<'c> {
                 self.at(d, Ev::Heal { node, id });
             }
             ScriptedKind::KillDaemon(d) => {
+                if !matches!(run, Run::Alive | Run::Paused) {
+                    return;
+                }
                 self.note(
                     Some(node),
                     "FAULT: daemon killed (kill -9); its task dies with it".to_string(),
@@ -1213,6 +1223,9 @@ impl<'c> Sim<'c> {
                 self.at(d, Ev::DaemonStart { node, boot });
             }
             ScriptedKind::Pause(d) => {
+                if run != Run::Alive {
+                    return;
+                }
                 self.note(
                     Some(node),
                     format!("FAULT: daemon paused (SIGSTOP) for {}", fmt_duration(d)),
@@ -1222,16 +1235,40 @@ impl<'c> Sim<'c> {
                 self.at(d, Ev::Resume { node, inc });
             }
             ScriptedKind::PowerLoss => {
+                if run == Run::Down {
+                    return;
+                }
                 self.note(Some(node), "FAULT: node lost power".to_string());
                 self.power_off(node);
             }
+            ScriptedKind::CrashLoop(d) => {
+                self.note(
+                    Some(node),
+                    format!("FAULT: tasks crash on start for {}", fmt_duration(d)),
+                );
+                self.nodes[node].crash_loop_until = self.now + d;
+                if let Some(id) = self.nodes[node].task.as_ref().map(|t| t.id) {
+                    let boot = self.nodes[node].boot;
+                    let status = ExitStatus::Code(2);
+                    let d = self.ms(10, 500);
+                    self.at(
+                        d,
+                        Ev::World {
+                            node,
+                            boot,
+                            what: WorldEv::TaskExit { task: id, status },
+                        },
+                    );
+                }
+            }
             ScriptedKind::Release => {
                 self.note(Some(node), "operator: nbd-failover release".to_string());
-                if self.nodes[node].run == Run::Alive {
+                if run == Run::Alive {
                     self.core(node, Event::Release { rejoin: true });
                 }
             }
         }
+        self.out.faults += 1;
     }
 
     /// Tracks intervals with no task running anywhere.
@@ -1256,7 +1293,6 @@ impl<'c> Sim<'c> {
         if !self.faults_on {
             return;
         }
-        self.out.faults += 1;
         let node = self.rng.below(self.cfg.nodes as u64) as usize;
         let w = self.cfg.faults.weights;
         let total: u32 = w.iter().sum();
@@ -1270,71 +1306,14 @@ impl<'c> Sim<'c> {
             pick -= wi;
         }
         let t = self.t.session_timeout;
-        match kind {
-            0 => {
-                let d = self.ms(500, (t * 5 / 2).as_millis() as u64);
-                let n = &mut self.nodes[node];
-                n.link_up = false;
-                n.partition_id += 1;
-                let id = n.partition_id;
-                self.note(
-                    Some(node),
-                    format!("FAULT: partitioned from ZooKeeper for {}", fmt_duration(d)),
-                );
-                self.at(d, Ev::Heal { node, id });
-            }
-            1 => {
-                if self.nodes[node].run == Run::Alive || self.nodes[node].run == Run::Paused {
-                    self.note(
-                        Some(node),
-                        "FAULT: daemon killed (kill -9); its task dies with it".to_string(),
-                    );
-                    self.kill_daemon(node);
-                    let d = self.ms(500, 2000);
-                    let boot = self.nodes[node].boot;
-                    self.at(d, Ev::DaemonStart { node, boot });
-                }
-            }
-            2 => {
-                if self.nodes[node].run != Run::Down {
-                    self.note(Some(node), "FAULT: node lost power".to_string());
-                    self.power_off(node);
-                }
-            }
-            3 => {
-                if self.nodes[node].run == Run::Alive {
-                    let d = self.ms(200, (t * 2).as_millis() as u64);
-                    self.note(
-                        Some(node),
-                        format!("FAULT: daemon paused (SIGSTOP) for {}", fmt_duration(d)),
-                    );
-                    self.nodes[node].run = Run::Paused;
-                    let inc = self.nodes[node].inc;
-                    self.at(d, Ev::Resume { node, inc });
-                }
-            }
-            _ => {
-                let d = self.ms(5000, 30000);
-                self.note(
-                    Some(node),
-                    format!("FAULT: tasks crash on start for {}", fmt_duration(d)),
-                );
-                self.nodes[node].crash_loop_until = self.now + d;
-                if let Some(id) = self.nodes[node].task.as_ref().map(|t| t.id) {
-                    let boot = self.nodes[node].boot;
-                    let status = ExitStatus::Code(2);
-                    let d = self.ms(10, 500);
-                    self.at(
-                        d,
-                        Ev::World {
-                            node,
-                            boot,
-                            what: WorldEv::TaskExit { task: id, status },
-                        },
-                    );
-                }
-            }
-        }
+        let kind = match kind {
+            0 => ScriptedKind::Partition(self.ms(500, (t * 5 / 2).as_millis() as u64)),
+            1 => ScriptedKind::KillDaemon(self.ms(500, 2000)),
+            2 => ScriptedKind::PowerLoss,
+            3 => ScriptedKind::Pause(self.ms(200, (t * 2).as_millis() as u64)),
+            _ => ScriptedKind::CrashLoop(self.ms(5000, 30000)),
+        };
+        self.inject(node, kind);
         let g = self.gap();
         self.at(g, Ev::Fault);
     }
