@@ -18,9 +18,12 @@
 //!   and the `check-config` report.
 //! - [`sim`]: the deterministic cluster simulation (nodes, a lease service with
 //!   ZooKeeper's timing, a virtual clock, seeded faults, invariant checks).
+//! - [`daemon`]: the daemon's driver: routes lease notices and effect
+//!   completions to each volume's machine, runs effects, timers, the watchdog.
 //! - [`cli`]: the command-line interface behind the `nbd-failover` binary.
 
 pub mod cli;
 pub mod config;
 pub mod core;
+pub mod daemon;
 pub mod sim;

@@ -1,0 +1,8 @@
+//! The daemon: one ZooKeeper session, many volumes, each driven through its pure state machine.
+
+pub mod driver;
+
+pub use driver::{
+    Completion, Driver, EffectRunner, Input, LeaseNotice, LeasePort, NoWatchdog, StatusBoard,
+    VolumeSetup, VolumeStatus, Watchdog,
+};
