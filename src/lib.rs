@@ -20,6 +20,8 @@
 //!   ZooKeeper's timing, a virtual clock, seeded faults, invariant checks).
 //! - [`daemon`]: the daemon's driver: routes lease notices and effect
 //!   completions to each volume's machine, runs effects, timers, the watchdog.
+//! - [`testkit`]: the record writer task and history checker behind the
+//!   hidden `testkit` subcommands (end-to-end tests, fault campaign).
 //! - [`cli`]: the command-line interface behind the `nbd-failover` binary.
 
 pub mod cli;
@@ -27,3 +29,4 @@ pub mod config;
 pub mod core;
 pub mod daemon;
 pub mod sim;
+pub mod testkit;

@@ -32,17 +32,18 @@ impl Notifier {
 
     /// A notifier sending to `addr` (a path, or `@name` for an abstract socket).
     pub fn to(addr: &str) -> io::Result<Notifier> {
-        let target =
-            match addr.strip_prefix('@') {
-                Some(name) => Target::Abstract(name.as_bytes().to_vec()),
-                None if addr.starts_with('/') => Target::Path(PathBuf::from(addr)),
-                None => return Err(io::Error::new(
+        let target = match addr.strip_prefix('@') {
+            Some(name) => Target::Abstract(name.as_bytes().to_vec()),
+            None if addr.starts_with('/') => Target::Path(PathBuf::from(addr)),
+            None => {
+                return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
                     format!(
                         "NOTIFY_SOCKET={addr:?} is neither an absolute path nor an @abstract name"
                     ),
-                )),
-            };
+                ))
+            }
+        };
         Ok(Notifier {
             socket: UnixDatagram::unbound()?,
             target,
