@@ -11,7 +11,9 @@
 # Steps: setup (scripts/setup.sh installs what is missing), cargo fmt --check,
 # cargo clippy --all-targets -D warnings, the core purity check, its self-test,
 # //! headers on every .rs file, cargo test --release --all-targets (release
-# because the deterministic simulation runs >= 10,000 seeds), doc tests.
+# because the deterministic simulation runs >= 10,000 seeds), doc tests, and
+# the VM lab (scripts/vm-lab.sh: the kernel NBD suite and the attach->detach
+# benchmark inside a virtme-ng VM, since the host kernel has no NBD driver).
 #
 # Environment:
 #   SIM_SEEDS=N        number of seeds for the deterministic simulation test
@@ -108,6 +110,7 @@ run_step purity-selftest scripts/check-core-purity-selftest.sh
 run_step file-headers scripts/check-core-purity.sh --all-files
 run_step tests cargo test "${locked[@]}" --release --all-targets -- --show-output
 run_step doctests cargo test "${locked[@]}" --release --doc
+run_step vm-lab scripts/vm-lab.sh
 
 passed=0
 failed=0

@@ -18,6 +18,10 @@
 //!   and the `check-config` report.
 //! - [`sim`]: the deterministic cluster simulation (nodes, a lease service with
 //!   ZooKeeper's timing, a virtual clock, seeded faults, invariant checks).
+//! - [`nbd`]: the NBD block-device backend: the client handshake, kernel
+//!   attach/detach/status/list over generic netlink, discovery of our
+//!   attachments by backend identifier, and the [`nbd::BlockDevices`] trait
+//!   with its real ([`nbd::KernelNbd`]) and fake implementations.
 //! - [`daemon`]: the daemon's driver: routes lease notices and effect
 //!   completions to each volume's machine, runs effects, timers, the watchdog.
 //! - [`testkit`]: the record writer task and history checker behind the
@@ -28,5 +32,6 @@ pub mod cli;
 pub mod config;
 pub mod core;
 pub mod daemon;
+pub mod nbd;
 pub mod sim;
 pub mod testkit;
