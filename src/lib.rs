@@ -24,6 +24,11 @@
 //!   with its real ([`nbd::KernelNbd`]) and fake implementations.
 //! - [`daemon`]: the daemon's driver: routes lease notices and effect
 //!   completions to each volume's machine, runs effects, timers, the watchdog.
+//! - [`exec`]: the executors carrying out effects on a real node — fsck
+//!   (`e2fsck -p`, `xfs_repair -n`), mount/unmount (holders stopped), `exec`
+//!   and systemd tasks, the `image` (loop device) and `dir` backends, the
+//!   start-up recovery scan — each behind a trait with a recording fake, and
+//!   the mapping of their results to core events.
 //! - [`testkit`]: the record writer task and history checker behind the
 //!   hidden `testkit` subcommands (end-to-end tests, fault campaign).
 //! - [`cli`]: the command-line interface behind the `nbd-failover` binary.
@@ -32,6 +37,7 @@ pub mod cli;
 pub mod config;
 pub mod core;
 pub mod daemon;
+pub mod exec;
 pub mod nbd;
 pub mod sim;
 pub mod testkit;
