@@ -44,6 +44,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the node daemon: contend for every configured volume, bring up what it wins, fence what it loses.
+    #[command(long_about = DAEMON_HELP)]
+    Daemon {
+        /// The config file (TOML).
+        #[arg(long, short, default_value = "/etc/nbd-failover/nbd-failover.toml")]
+        config: PathBuf,
+    },
     /// Test tooling: the record writer task and the history checker.
     #[command(hide = true, subcommand)]
     Testkit(Testkit),
@@ -77,6 +84,25 @@ enum Testkit {
         acks: Vec<PathBuf>,
     },
 }
+
+const DAEMON_HELP: &str = "\
+Run the node daemon for every volume in the config: one ZooKeeper session,
+one lease per volume. For each volume it wins it attaches the device, checks
+and mounts the filesystem and starts the task; when it loses the lease, or
+cannot reach ZooKeeper for suspend_grace, it stops the task (SIGTERM, then
+SIGKILL after stop_grace), unmounts and detaches before another node can win.
+
+Before contending it fences whatever an earlier run left (devices carrying
+our backend identifier, mounts at the volume paths, task process groups).
+SIGTERM or SIGINT fences every volume, releases each lease cleanly (the next
+holder skips the lock-delay) and exits 0. Under systemd (Type=notify) it
+sends READY=1, STATUS= and, with watchdog.mode = \"systemd\", WATCHDOG=1
+only while every held lease is fresh.
+
+Logs go to stderr (RUST_LOG sets the level, default info).
+
+Exit status: 0 after a clean shutdown, 1 on a start-up error (config, ZooKeeper
+unreachable, node id already in use, budget broken by the negotiated timeout).";
 
 const SIMULATE_HELP: &str = "\
 Run the deterministic simulation of three nodes contending for one volume:
@@ -141,6 +167,7 @@ pub fn main() -> i32 {
             trace,
             json,
         } => simulate(demo, seed, seeds, trace, json),
+        Command::Daemon { config } => daemon(&config),
         Command::Testkit(t) => testkit(t),
     }
 }
@@ -256,4 +283,47 @@ fn testkit(t: Testkit) -> i32 {
             }
         }
     }
+}
+
+fn daemon(path: &std::path::Path) -> i32 {
+    init_logging();
+    let cfg = match crate::config::load(path) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!(
+                "daemon: {} error(s) in {}; nothing started",
+                errors.len(),
+                path.display()
+            );
+            return 1;
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("daemon: cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    match rt.block_on(crate::daemon::run::run(cfg)) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("daemon: {e:#}");
+            1
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }

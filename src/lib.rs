@@ -24,6 +24,10 @@
 //!   with its real ([`nbd::KernelNbd`]) and fake implementations.
 //! - [`daemon`]: the daemon's driver: routes lease notices and effect
 //!   completions to each volume's machine, runs effects, timers, the watchdog.
+//! - [`lease`]: the ZooKeeper lease: one session per daemon, a herd-free lock
+//!   per volume, generations (czxid), clean-release records, digest ACLs, TLS,
+//!   and its own contact clock; [`lease::LeaseService`] turns the core's lease
+//!   effects into ZooKeeper operations and reports [`lease::LeaseNotice`]s.
 //! - [`exec`]: the executors carrying out effects on a real node — fsck
 //!   (`e2fsck -p`, `xfs_repair -n`), mount/unmount (holders stopped), `exec`
 //!   and systemd tasks, the `image` (loop device) and `dir` backends, the
@@ -38,6 +42,7 @@ pub mod config;
 pub mod core;
 pub mod daemon;
 pub mod exec;
+pub mod lease;
 pub mod nbd;
 pub mod sim;
 pub mod testkit;

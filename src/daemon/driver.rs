@@ -210,7 +210,20 @@ impl Driver {
         watchdog: Box<dyn Watchdog>,
         seed: u64,
     ) -> (Self, Vec<Leftovers>) {
+        Driver::with_runner(volumes, lease, |_| runner, watchdog, seed)
+    }
+
+    /// Like [`Driver::new`], for a runner that needs the driver's input channel
+    /// (to report events no effect asked for, such as a task's exit).
+    pub fn with_runner(
+        volumes: Vec<VolumeSetup>,
+        lease: Arc<dyn LeasePort>,
+        make_runner: impl FnOnce(mpsc::UnboundedSender<Input>) -> Arc<dyn EffectRunner>,
+        watchdog: Box<dyn Watchdog>,
+        seed: u64,
+    ) -> (Self, Vec<Leftovers>) {
         let (tx, rx) = mpsc::unbounded_channel();
+        let runner = make_runner(tx.clone());
         let pet_interval = volumes
             .iter()
             .filter_map(|v| v.policy.timings.watchdog_timeout)

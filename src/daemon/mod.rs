@@ -2,6 +2,8 @@
 
 pub mod devwatchdog;
 pub mod driver;
+pub mod run;
+pub mod runner;
 pub mod systemd;
 
 pub use driver::{
