@@ -44,6 +44,11 @@ pub struct NodeConfig {
     pub state_dir: PathBuf,
     /// Run-time files (pid files, sockets).
     pub run_dir: PathBuf,
+    /// Several daemons share this kernel (test labs: nodes in namespaces or one VM).
+    /// Device labels then carry the node (`<volume>@<node>`) and start-up recovery
+    /// claims only this node's devices. Off in production: there every device
+    /// labelled with the volume is this node's to fence, whatever node id made it.
+    pub shared_kernel: bool,
 }
 
 /// A `host:port` pair (IPv6 hosts are written in brackets).

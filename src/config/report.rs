@@ -58,6 +58,7 @@ pub fn effective_toml(cfg: &Config) -> String {
         "run_dir = {}",
         q(&cfg.node.run_dir.display().to_string())
     );
+    let _ = writeln!(o, "shared_kernel = {}", cfg.node.shared_kernel);
 
     let zk = &cfg.zookeeper;
     let _ = writeln!(o, "\n[zookeeper]");

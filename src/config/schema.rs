@@ -43,7 +43,7 @@ pub const DEFAULT_NBD_DEAD_CONN_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_NBD_CONNECTIONS: i64 = 16;
 
 const TOP_KEYS: &[&str] = &["node", "zookeeper", "watchdog", "fencing", "volumes"];
-const NODE_KEYS: &[&str] = &["id", "state_dir", "run_dir"];
+const NODE_KEYS: &[&str] = &["id", "state_dir", "run_dir", "shared_kernel"];
 const ZK_KEYS: &[&str] = &[
     "hosts",
     "chroot",
@@ -202,7 +202,15 @@ fn read_node(
     };
     let state_dir = dir("state_dir", DEFAULT_STATE_DIR);
     let run_dir = dir("run_dir", DEFAULT_RUN_DIR);
-    ok &= id.is_some() && state_dir.is_some() && run_dir.is_some();
+    let shared_kernel = match table
+        .as_ref()
+        .map(|t| (t, t.boolean(sink, "shared_kernel")))
+    {
+        Some((_, Some(b))) => Some(b.value),
+        Some((t, None)) if t.has("shared_kernel") => None,
+        _ => Some(false),
+    };
+    ok &= id.is_some() && state_dir.is_some() && run_dir.is_some() && shared_kernel.is_some();
     if !ok {
         return None;
     }
@@ -211,6 +219,7 @@ fn read_node(
         id_from_hostname,
         state_dir: state_dir?,
         run_dir: run_dir?,
+        shared_kernel: shared_kernel?,
     })
 }
 

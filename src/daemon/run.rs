@@ -152,8 +152,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 ),
             }),
         };
+        let mut spec = RecoverySpec::for_volume(v);
+        spec.volume = super::runner::label_name(v, &cfg.node);
         let report = recovery
-            .scan(&RecoverySpec::for_volume(v), task.as_deref())
+            .scan(&spec, task.as_deref())
             .with_context(|| format!("volume {}: start-up recovery scan", v.name))?;
         for w in &report.warnings {
             tracing::warn!(volume = %v.name, "{w}");
@@ -226,14 +228,19 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     };
     let lease_port: Arc<dyn LeasePort> = Arc::new(LeaseAdapter(service.clone()));
-    let reports_for_runner = reports.clone();
+    let reports_for_runner: Vec<(String, exec::RecoveryReport)> = cfg
+        .volumes
+        .iter()
+        .map(|v| v.name.clone())
+        .zip(reports.iter().cloned())
+        .collect();
     let (driver, leftovers) = Driver::with_runner(
         setups,
         lease_port,
         move |tx| {
             let runner = RealRunner::new(runtimes, ex, tx);
-            for r in &reports_for_runner {
-                runner.adopt_leftovers(&r.volume, r);
+            for (name, r) in &reports_for_runner {
+                runner.adopt_leftovers(name, r);
             }
             Arc::new(runner)
         },

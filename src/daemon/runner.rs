@@ -85,8 +85,23 @@ impl VolumeRuntime {
         }
     }
 
+    /// The name in device labels: the volume, or `<volume>@<node>` on a shared kernel.
+    pub fn label_name(&self) -> String {
+        label_name(&self.cfg, &self.node)
+    }
+
     fn devices(&self) -> std::sync::MutexGuard<'_, Vec<Device>> {
         self.devices.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The name a volume's devices are labelled with: the volume, or
+/// `<volume>@<node>` when several daemons share the kernel (`node.shared_kernel`).
+pub fn label_name(cfg: &VolumeConfig, node: &NodeConfig) -> String {
+    if node.shared_kernel {
+        format!("{}@{}", cfg.name, node.id)
+    } else {
+        cfg.name.clone()
     }
 }
 
@@ -122,6 +137,7 @@ impl RealRunner {
     /// `Detach` detaches them) and its task (so `SignalTask` reaches it and its
     /// end is reported). Call before the driver runs.
     pub fn adopt_leftovers(&self, volume: &str, report: &RecoveryReport) {
+        // `report.volume` may be the label name (`<volume>@<node>`); `volume` is the config name.
         let Some(v) = self.volumes.get(volume) else {
             return;
         };
@@ -224,7 +240,7 @@ fn failure_event(effect: &Effect, msg: String) -> Event {
 async fn attach(v: &Arc<VolumeRuntime>, ex: &Executors, generation: Generation) -> Event {
     match &v.cfg.backend {
         Backend::Nbd(n) => {
-            let backend = match BackendId::new(v.cfg.name.clone(), generation) {
+            let backend = match BackendId::new(v.label_name(), generation) {
                 Ok(b) => b,
                 Err(e) => return Event::Attached(Err(e.to_string())),
             };
@@ -252,9 +268,10 @@ async fn attach(v: &Arc<VolumeRuntime>, ex: &Executors, generation: Generation) 
             }
         }
         Backend::Image { .. } => {
-            let Some(req) = LoopAttachRequest::for_volume(&v.cfg, generation) else {
+            let Some(mut req) = LoopAttachRequest::for_volume(&v.cfg, generation) else {
                 return Event::Attached(Err("not an image volume".into()));
             };
+            req.volume = v.label_name();
             let loops = ex.loops.clone();
             match blocking("attach", move || loops.attach(&req)).await {
                 Ok(Ok(a)) => {
@@ -381,7 +398,7 @@ async fn detach(v: &Arc<VolumeRuntime>, ex: &Executors) -> Event {
         .detach_budget
         .max(Duration::from_secs(1));
     for d in devices.into_iter().rev() {
-        let name = v.cfg.name.clone();
+        let name = v.label_name();
         let r = match d.clone() {
             Device::Nbd { index, .. } => {
                 let nbd = ex.nbd.clone();

@@ -1,0 +1,466 @@
+//! End to end on the host: real ZooKeeper, real daemons (`nbd-failover daemon`) on an `image` volume (loop device, ext4, e2fsck, mount), a checksummed writer task, and the history checker.
+//!
+//! Each node is a real daemon process with its own ZooKeeper connection
+//! through a TCP proxy (so one node can be cut off without touching the
+//! server), its own run directory and its own mount path (all nodes share
+//! one kernel here, so they cannot share one path as separate machines do).
+//! The writer appends fsync'd records tagged with node and generation to the
+//! volume and acknowledges each outside it; at the end the checker asserts
+//! the records are ordered by generation, no acknowledged record is lost, and
+//! `e2fsck -fn` finds the filesystem clean.
+//!
+//! Needs root (loop devices, mount). Fails loudly, never skips.
+
+mod support;
+
+use std::fs;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{Proxy, TempDir, ZkServer};
+
+const BIN: &str = env!("CARGO_BIN_EXE_nbd-failover");
+
+fn require_root() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "the end-to-end tests need root (loop devices, mount): run them as root (CI does)"
+    );
+}
+
+struct Node {
+    name: String,
+    dir: PathBuf,
+    proxy: Proxy,
+    child: Option<Child>,
+}
+
+impl Node {
+    fn cfg(&self) -> PathBuf {
+        self.dir.join("node.toml")
+    }
+    fn log(&self) -> PathBuf {
+        self.dir.join("daemon.log")
+    }
+    fn ack(&self) -> PathBuf {
+        self.dir.join("ack")
+    }
+    fn mnt(&self) -> PathBuf {
+        self.dir.join("mnt")
+    }
+
+    fn start(&mut self) {
+        assert!(self.child.is_none(), "{} already running", self.name);
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log())
+            .expect("daemon log");
+        let child = Command::new(BIN)
+            .args(["daemon", "--config"])
+            .arg(self.cfg())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .expect("start the daemon");
+        self.child = Some(child);
+    }
+
+    fn sigterm(&mut self, limit: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(st) = child.try_wait().expect("wait") {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not stop within {limit:?} after SIGTERM:\n{}",
+                self.name,
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill9(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reap");
+    }
+
+    fn acks(&self) -> usize {
+        fs::read_to_string(self.ack())
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    }
+
+    fn log_text(&self) -> String {
+        fs::read_to_string(self.log()).unwrap_or_default()
+    }
+
+    fn log_tail(&self) -> String {
+        let t = self.log_text();
+        let lines: Vec<&str> = t.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+struct Cluster {
+    zk: ZkServer,
+    dir: TempDir,
+    image: PathBuf,
+    nodes: Vec<Node>,
+}
+
+impl Cluster {
+    fn new(tag: &str, n: usize) -> Cluster {
+        require_root();
+        let zk = ZkServer::start();
+        let dir = TempDir::new(tag);
+        let image = dir.path().join("volume.img");
+        let f = fs::File::create(&image).expect("image");
+        f.set_len(64 << 20).expect("size image");
+        let st = Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&image)
+            .status()
+            .expect("mkfs.ext4");
+        assert!(st.success(), "mkfs.ext4 failed");
+        let chroot = format!("/e2e-{tag}-{}", std::process::id());
+        let nodes = (1..=n)
+            .map(|i| {
+                let name = format!("n{i}");
+                let ndir = dir.path().join(&name);
+                fs::create_dir_all(ndir.join("mnt")).expect("node dir");
+                let proxy = Proxy::start(&zk.address());
+                let node = Node {
+                    name: name.clone(),
+                    dir: ndir,
+                    proxy,
+                    child: None,
+                };
+                let cfg = format!(
+                    r#"[node]
+id = "{name}"
+state_dir = "{d}/state"
+shared_kernel = true
+run_dir = "{d}/run"
+
+[zookeeper]
+hosts = ["{zk}"]
+chroot = "{chroot}"
+session_timeout = "4s"
+
+[fencing]
+suspend_grace = "1s"
+stop_grace = "1s"
+unmount_budget = "500ms"
+detach_budget = "500ms"
+margin = "500ms"
+lock_delay = "2s"
+
+[volumes.data]
+backend = "image"
+mount_path = "{mnt}"
+filesystem = "ext4"
+
+[volumes.data.image]
+path = "{image}"
+
+[volumes.data.task]
+exec = ["{bin}", "testkit", "writer", "--ack", "{ack}", "--node", "{name}", "--interval-ms", "10"]
+"#,
+                    d = node.dir.display(),
+                    zk = node.proxy.address(),
+                    mnt = node.mnt().display(),
+                    image = image.display(),
+                    bin = BIN,
+                    ack = node.ack().display(),
+                );
+                fs::write(node.cfg(), cfg).expect("config");
+                let check = Command::new(BIN)
+                    .arg("check-config")
+                    .arg(node.cfg())
+                    .output()
+                    .expect("check-config");
+                assert!(
+                    check.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&check.stderr)
+                );
+                node
+            })
+            .collect();
+        Cluster {
+            zk,
+            dir,
+            image,
+            nodes,
+        }
+    }
+
+    /// Waits until `cond` holds, polling every 20 ms; panics with every node's log after `limit`.
+    fn wait(
+        &self,
+        what: &str,
+        limit: Duration,
+        mut cond: impl FnMut(&Cluster) -> bool,
+    ) -> Duration {
+        let start = Instant::now();
+        while !cond(self) {
+            if start.elapsed() > limit {
+                let logs: Vec<String> = self
+                    .nodes
+                    .iter()
+                    .map(|n| format!("--- {} ---\n{}", n.name, n.log_tail()))
+                    .collect();
+                panic!(
+                    "timed out after {limit:?} waiting for {what}\n{}\n--- zookeeper ---\n{}",
+                    logs.join("\n"),
+                    self.zk.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        start.elapsed()
+    }
+
+    /// Stops every daemon, then checks the history and the filesystem.
+    fn finish(mut self) -> String {
+        for n in &mut self.nodes {
+            if n.child.is_some() {
+                let st = n.sigterm(Duration::from_secs(20));
+                assert!(
+                    st.success(),
+                    "{} exited with {st} on SIGTERM:\n{}",
+                    n.name,
+                    n.log_tail()
+                );
+            }
+        }
+        let probe = self.dir.path().join("probe");
+        fs::create_dir_all(&probe).expect("probe dir");
+        let st = Command::new("mount")
+            .args(["-o", "ro,loop"])
+            .arg(&self.image)
+            .arg(&probe)
+            .status()
+            .expect("mount");
+        assert!(
+            st.success(),
+            "mounting the image read-only for the check failed (still attached somewhere?)"
+        );
+        let mut check = Command::new(BIN);
+        check
+            .args(["testkit", "check"])
+            .arg(probe.join("records.log"));
+        for n in &self.nodes {
+            if n.ack().exists() {
+                check.arg(n.ack());
+            }
+        }
+        let out = check.output().expect("checker");
+        let _ = Command::new("umount").arg(&probe).status();
+        let verdict = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(out.status.success(), "history check failed: {verdict}");
+        let fsck = Command::new("e2fsck")
+            .args(["-fn"])
+            .arg(&self.image)
+            .output()
+            .expect("e2fsck");
+        assert!(
+            fsck.status.success(),
+            "e2fsck -fn found problems:\n{}",
+            String::from_utf8_lossy(&fsck.stdout)
+        );
+        verdict
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(n.mnt())
+                .stderr(Stdio::null())
+                .status();
+        }
+        // Loop devices still bound to our image (a failed test) are freed.
+        if let Ok(out) = Command::new("losetup").arg("-j").arg(&self.image).output() {
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                if let Some(dev) = line.split(':').next() {
+                    let _ = Command::new("losetup").args(["-d", dev]).status();
+                }
+            }
+        }
+    }
+}
+
+fn grows(n: &Node, from: usize, by: usize) -> bool {
+    n.acks() >= from + by
+}
+
+fn log_has(n: &Node, s: &str) -> bool {
+    n.log_text().contains(s)
+}
+
+#[test]
+fn clean_hand_over_then_kill_9_of_the_holder() {
+    let mut c = Cluster::new("handover", 2);
+    c.nodes[0].start();
+    let up = c.wait("n1 to run its writer", Duration::from_secs(30), |c| {
+        grows(&c.nodes[0], 0, 20)
+    });
+    println!(
+        "n1: daemon start to 20 acknowledged records: {:.2}s",
+        up.as_secs_f64()
+    );
+    c.nodes[1].start();
+    c.wait("n2 to queue", Duration::from_secs(20), |c| {
+        log_has(&c.nodes[1], "contending for the lease")
+    });
+
+    // Clean hand-over: SIGTERM n1; n2 takes over without lock-delay.
+    let t0 = Instant::now();
+    let st = c.nodes[0].sigterm(Duration::from_secs(20));
+    assert!(
+        st.success(),
+        "n1 exit status {st}:\n{}",
+        c.nodes[0].log_tail()
+    );
+    let n2_before = c.nodes[1].acks();
+    c.wait("n2 to take over", Duration::from_secs(20), |c| {
+        grows(&c.nodes[1], n2_before, 1)
+    });
+    let handover = t0.elapsed();
+    println!("clean hand-over: SIGTERM of the holder to the new holder's first acknowledged record: {:.3}s", handover.as_secs_f64());
+    assert!(
+        log_has(&c.nodes[1], "predecessor released cleanly"),
+        "{}",
+        c.nodes[1].log_tail()
+    );
+    assert!(
+        !log_has(&c.nodes[1], "lock-delay"),
+        "a clean hand-over must not wait for the lock-delay"
+    );
+
+    // n1 queues again; kill -9 the holder n2: its writer dies with it.
+    c.nodes[0].start();
+    c.wait("n1 to queue", Duration::from_secs(20), |c| {
+        c.nodes[0]
+            .log_text()
+            .matches("contending for the lease")
+            .count()
+            >= 2
+    });
+    c.wait("n2 to have written", Duration::from_secs(20), |c| {
+        grows(&c.nodes[1], n2_before, 20)
+    });
+    let t1 = Instant::now();
+    c.nodes[1].kill9();
+    let frozen = c.nodes[1].acks();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        c.nodes[1].acks(),
+        frozen,
+        "n2's writer kept writing after its daemon was killed"
+    );
+    // systemd restarts the daemon: it fences its leftovers before contending.
+    c.nodes[1].start();
+    c.wait("n2 to fence its leftovers", Duration::from_secs(20), |c| {
+        log_has(&c.nodes[1], "found leftovers")
+    });
+    let n1_before = c.nodes[0].acks();
+    c.wait("n1 to take over", Duration::from_secs(30), |c| {
+        grows(&c.nodes[0], n1_before, 1)
+    });
+    let failover = t1.elapsed();
+    println!("kill -9 of the holder's daemon (restarted at once) to the next holder's first acknowledged record: {:.3}s", failover.as_secs_f64());
+    assert!(
+        log_has(&c.nodes[0], "after an unclean predecessor: lock-delay"),
+        "{}",
+        c.nodes[0].log_tail()
+    );
+    assert!(
+        log_has(&c.nodes[1], "fence complete (leftovers of an earlier run)"),
+        "{}",
+        c.nodes[1].log_tail()
+    );
+    c.wait("n1 to have written", Duration::from_secs(20), |c| {
+        grows(&c.nodes[0], n1_before, 20)
+    });
+    let verdict = c.finish();
+    println!("history: {verdict}");
+}
+
+#[test]
+fn a_holder_cut_from_zookeeper_fences_before_the_other_node_takes_over() {
+    let mut c = Cluster::new("partition", 2);
+    c.nodes[0].start();
+    c.wait("n1 to run its writer", Duration::from_secs(30), |c| {
+        grows(&c.nodes[0], 0, 20)
+    });
+    c.nodes[1].start();
+    c.wait("n2 to queue", Duration::from_secs(20), |c| {
+        log_has(&c.nodes[1], "contending for the lease")
+    });
+
+    let t0 = Instant::now();
+    c.nodes[0].proxy.blackhole();
+    let mut fenced_at = None;
+    let mut attach_at = None;
+    c.wait("n2 to attach", Duration::from_secs(30), |c| {
+        if fenced_at.is_none() && log_has(&c.nodes[0], "device detached: fence complete (suspended")
+        {
+            fenced_at = Some(t0.elapsed());
+        }
+        if attach_at.is_none() && log_has(&c.nodes[1], "attaching under generation") {
+            attach_at = Some(t0.elapsed());
+        }
+        attach_at.is_some()
+    });
+    let fenced = fenced_at.expect("n1 finished its fence before n2 attached");
+    let attached = attach_at.expect("n2 attached");
+    println!(
+        "partition: n1 fenced {:.3}s after the cut; n2 attached {:.3}s after the cut ({:.3}s later)",
+        fenced.as_secs_f64(),
+        attached.as_secs_f64(),
+        (attached - fenced).as_secs_f64()
+    );
+    assert!(
+        fenced < Duration::from_millis(3500),
+        "fence later than T − margin after the cut: {fenced:?}"
+    );
+    assert!(
+        log_has(&c.nodes[1], "after an unclean predecessor: lock-delay"),
+        "{}",
+        c.nodes[1].log_tail()
+    );
+    let n2_before = c.nodes[1].acks();
+    c.wait("n2 to write", Duration::from_secs(20), |c| {
+        grows(&c.nodes[1], n2_before, 20)
+    });
+
+    // Heal: n1 finds its session gone and queues again, without touching the volume.
+    c.nodes[0].proxy.heal();
+    c.wait("n1 to queue again", Duration::from_secs(30), |c| {
+        c.nodes[0]
+            .log_text()
+            .matches("contending for the lease")
+            .count()
+            >= 2
+    });
+    let verdict = c.finish();
+    println!("history: {verdict}");
+}
