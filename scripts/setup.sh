@@ -10,8 +10,7 @@
 #   /opt/nbd-failover-venv (VNG_VENV), if its `vng` is not there yet.
 set -euo pipefail
 
-# One package per line, with what needs it. The coming issues add:
-#   zookeeper (lease tests).
+# One package per line, with what needs it.
 # Keep qemu-utils named explicitly whenever qemu-system-x86 is added: installing
 # qemu-system-x86 alone replaces the machine's newer qemu-utils.
 APT_PACKAGES=(
