@@ -34,6 +34,7 @@ struct Node {
     dir: PathBuf,
     proxy: Proxy,
     child: Option<Child>,
+    env: Vec<(String, String)>,
 }
 
 impl Node {
@@ -61,6 +62,7 @@ impl Node {
             .args(["daemon", "--config"])
             .arg(self.cfg())
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log)
@@ -111,6 +113,19 @@ impl Node {
     }
 }
 
+/// Per-node additions to the test config.
+#[derive(Clone, Default)]
+struct Extra {
+    /// Replaces the writer task (`exec = [...]`).
+    task: Option<String>,
+    /// Lines added to `[volumes.data]`.
+    volume: String,
+    /// Tables appended at the end (e.g. `[watchdog]`, `[volumes.data.restart]`).
+    top: String,
+    /// Environment of the daemon.
+    env: Vec<(String, String)>,
+}
+
 struct Cluster {
     zk: ZkServer,
     dir: TempDir,
@@ -120,6 +135,11 @@ struct Cluster {
 
 impl Cluster {
     fn new(tag: &str, n: usize) -> Cluster {
+        Cluster::with(tag, n, |_| Extra::default())
+    }
+
+    /// A cluster whose node `i` (0-based) gets `extra(i)` on top of the defaults.
+    fn with(tag: &str, n: usize, extra: impl Fn(usize) -> Extra) -> Cluster {
         require_root();
         let zk = ZkServer::start();
         let dir = TempDir::new(tag);
@@ -139,12 +159,20 @@ impl Cluster {
                 let ndir = dir.path().join(&name);
                 fs::create_dir_all(ndir.join("mnt")).expect("node dir");
                 let proxy = Proxy::start(&zk.address());
+                let x = extra(i - 1);
                 let node = Node {
                     name: name.clone(),
                     dir: ndir,
                     proxy,
                     child: None,
+                    env: x.env.clone(),
                 };
+                let task = x.task.clone().unwrap_or_else(|| {
+                    format!(
+                        r#"exec = ["{BIN}", "testkit", "writer", "--ack", "{}", "--node", "{name}", "--interval-ms", "10"]"#,
+                        node.ack().display()
+                    )
+                });
                 let cfg = format!(
                     r#"[node]
 id = "{name}"
@@ -169,19 +197,20 @@ lock_delay = "2s"
 backend = "image"
 mount_path = "{mnt}"
 filesystem = "ext4"
+{volume_extra}
 
 [volumes.data.image]
 path = "{image}"
 
 [volumes.data.task]
-exec = ["{bin}", "testkit", "writer", "--ack", "{ack}", "--node", "{name}", "--interval-ms", "10"]
-"#,
+{task}
+{top_extra}"#,
+                    volume_extra = x.volume,
+                    top_extra = x.top,
                     d = node.dir.display(),
                     zk = node.proxy.address(),
                     mnt = node.mnt().display(),
                     image = image.display(),
-                    bin = BIN,
-                    ack = node.ack().display(),
                 );
                 fs::write(node.cfg(), cfg).expect("config");
                 let check = Command::new(BIN)
@@ -460,6 +489,273 @@ fn a_holder_cut_from_zookeeper_fences_before_the_other_node_takes_over() {
             .matches("contending for the lease")
             .count()
             >= 2
+    });
+    let verdict = c.finish();
+    println!("history: {verdict}");
+}
+
+#[test]
+fn a_corrupted_filesystem_is_never_mounted_and_the_error_says_why() {
+    let mut c = Cluster::new("corrupt", 2);
+    // Clear the root inode: e2fsck -p cannot fix that unattended (exit 4).
+    let img = c.image.display().to_string();
+    let st = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "debugfs -w -R 'clri <2>' {img} && debugfs -w -R 'ssv state 0' {img}"
+        ))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("debugfs");
+    assert!(st.success(), "debugfs could not damage the image");
+    c.nodes[0].start();
+    c.nodes[1].start();
+    c.wait(
+        "both nodes to refuse the filesystem",
+        Duration::from_secs(30),
+        |c| {
+            c.nodes
+                .iter()
+                .all(|n| log_has(n, "ALERT: fsck refused the filesystem"))
+        },
+    );
+    for n in &c.nodes {
+        let log = n.log_text();
+        assert!(
+            !log.contains("mounted: starting the task"),
+            "{} mounted a damaged filesystem:\n{}",
+            n.name,
+            n.log_tail()
+        );
+        assert!(
+            log.contains("not mounting; releasing and backing off"),
+            "{}",
+            n.log_tail()
+        );
+        assert!(
+            log.contains("e2fsck") && log.contains("exit code 4"),
+            "the error must say why:\n{}",
+            n.log_tail()
+        );
+        assert_eq!(n.acks(), 0, "{}'s task ran on a damaged filesystem", n.name);
+    }
+    let line = c.nodes[0]
+        .log_text()
+        .lines()
+        .find(|l| l.contains("ALERT: fsck refused"))
+        .unwrap_or_default()
+        .to_string();
+    println!(
+        "refusal as logged: {}",
+        line.split("ALERT")
+            .nth(1)
+            .map_or(line.as_str(), |r| r)
+            .chars()
+            .take(240)
+            .collect::<String>()
+    );
+    for n in &mut c.nodes {
+        let st = n.sigterm(Duration::from_secs(20));
+        assert!(st.success(), "{} exit {st}", n.name);
+    }
+    // Both detached again: nothing of ours is bound to the image.
+    let out = Command::new("losetup")
+        .arg("-j")
+        .arg(&c.image)
+        .output()
+        .expect("losetup");
+    assert!(
+        out.stdout.is_empty(),
+        "still attached: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn a_crash_looping_task_is_restarted_then_the_volume_handed_over() {
+    let mut c = Cluster::with("crashloop", 2, |i| {
+        if i == 0 {
+            Extra {
+                task: Some(r#"exec = ["/bin/sh", "-c", "echo crashing; exit 3"]"#.to_string()),
+                top: "[volumes.data.restart]\npolicy = \"on-failure\"\nmax_restarts = 2\nbackoff = \"100ms\"\n".to_string(),
+                ..Extra::default()
+            }
+        } else {
+            Extra::default()
+        }
+    });
+    c.nodes[0].start();
+    c.wait("n1 to win", Duration::from_secs(20), |c| {
+        log_has(&c.nodes[0], "lease won")
+    });
+    c.nodes[1].start();
+    let t = c.wait(
+        "n2 to take over from the crash loop",
+        Duration::from_secs(30),
+        |c| grows(&c.nodes[1], 0, 10),
+    );
+    let n1 = c.nodes[0].log_text();
+    assert!(
+        n1.contains("task exited (exit code 3): restart 1/2"),
+        "{}",
+        c.nodes[0].log_tail()
+    );
+    assert!(
+        n1.contains("task exited (exit code 3): restart 2/2"),
+        "{}",
+        c.nodes[0].log_tail()
+    );
+    assert!(
+        n1.contains("after 2 restart(s): handing the volume over"),
+        "{}",
+        c.nodes[0].log_tail()
+    );
+    assert!(
+        log_has(&c.nodes[1], "predecessor released cleanly"),
+        "a hand-over is a clean release:\n{}",
+        c.nodes[1].log_tail()
+    );
+    println!(
+        "crash loop: n2 writing {:.2}s after it started (n1: 3 starts, then hand-over)",
+        t.as_secs_f64()
+    );
+    let verdict = c.finish();
+    println!("history: {verdict}");
+}
+
+/// Plays systemd for one daemon: receives its sd_notify datagrams and, like
+/// `WatchdogSec=`, kills it when WATCHDOG=1 stops coming (its tasks die with it:
+/// parent-death signal, as KillMode=control-group would).
+struct FakeSystemd {
+    last_pet: std::sync::Arc<std::sync::Mutex<Option<Instant>>>,
+    pets: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FakeSystemd {
+    fn listen(path: &std::path::Path) -> FakeSystemd {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::{Arc, Mutex};
+        let _ = fs::remove_file(path);
+        let sock = std::os::unix::net::UnixDatagram::bind(path).expect("notify socket");
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("timeout");
+        let last_pet = Arc::new(Mutex::new(None));
+        let pets = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (lp, pc, st) = (last_pet.clone(), pets.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while !st.load(Ordering::Relaxed) {
+                if let Ok(k) = sock.recv(&mut buf) {
+                    if String::from_utf8_lossy(&buf[..k])
+                        .lines()
+                        .any(|l| l == "WATCHDOG=1")
+                    {
+                        *lp.lock().unwrap() = Some(Instant::now());
+                        pc.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        });
+        FakeSystemd {
+            last_pet,
+            pets,
+            stop,
+        }
+    }
+
+    fn since_last_pet(&self) -> Option<Duration> {
+        self.last_pet.lock().unwrap().map(|t| t.elapsed())
+    }
+}
+
+impl Drop for FakeSystemd {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn a_frozen_holder_is_killed_by_the_watchdog_before_another_node_can_win() {
+    let dir = TempDir::new("wd-sock");
+    let sock = dir.path().join("n1-notify.sock");
+    let systemd = FakeSystemd::listen(&sock);
+    let sock_s = sock.display().to_string();
+    let mut c = Cluster::with("watchdog", 2, |i| {
+        if i == 0 {
+            Extra {
+                top: "[watchdog]\nmode = \"systemd\"\ntimeout = \"2s\"\n".to_string(),
+                env: vec![
+                    ("NOTIFY_SOCKET".into(), sock_s.clone()),
+                    ("WATCHDOG_USEC".into(), "2000000".into()),
+                ],
+                ..Extra::default()
+            }
+        } else {
+            Extra::default()
+        }
+    });
+    c.nodes[0].start();
+    c.wait("n1 to run its writer", Duration::from_secs(30), |c| {
+        grows(&c.nodes[0], 0, 20)
+    });
+    c.nodes[1].start();
+    c.wait("n2 to queue", Duration::from_secs(20), |c| {
+        log_has(&c.nodes[1], "contending for the lease")
+    });
+    assert!(
+        systemd.pets.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "n1 never petted the systemd watchdog"
+    );
+
+    // Freeze n1's daemon (its task keeps running, as with a GC pause or SIGSTOP).
+    let pid = nix::unistd::Pid::from_raw(c.nodes[0].child.as_ref().expect("n1").id() as i32);
+    let t0 = Instant::now();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    // systemd's watchdog: no WATCHDOG=1 for WatchdogSec (2 s) → kill the unit.
+    c.wait("the watchdog to expire", Duration::from_secs(10), |_| {
+        systemd
+            .since_last_pet()
+            .is_some_and(|d| d > Duration::from_secs(2))
+    });
+    let fired = t0.elapsed();
+    c.nodes[0].kill9();
+    let frozen = c.nodes[0].acks();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        c.nodes[0].acks(),
+        frozen,
+        "n1's task kept writing after the watchdog killed its daemon"
+    );
+    assert!(
+        !log_has(&c.nodes[1], "attaching under generation"),
+        "n2 attached before the frozen holder was stopped"
+    );
+    // ... and restarts it (Restart=always): it fences what the frozen run left.
+    c.nodes[0].start();
+    let n2_before = c.nodes[1].acks();
+    c.wait("n2 to take over", Duration::from_secs(30), |c| {
+        grows(&c.nodes[1], n2_before, 1)
+    });
+    let took_over = t0.elapsed();
+    println!(
+        "frozen holder: watchdog fired {:.2}s after SIGSTOP (WatchdogSec 2s, session timeout 4s); n2 wrote {:.2}s after SIGSTOP",
+        fired.as_secs_f64(),
+        took_over.as_secs_f64()
+    );
+    assert!(
+        fired < Duration::from_secs(4),
+        "the watchdog must fire before the session can expire"
+    );
+    assert!(
+        log_has(&c.nodes[0], "found leftovers"),
+        "{}",
+        c.nodes[0].log_tail()
+    );
+    c.wait("n2 to write", Duration::from_secs(20), |c| {
+        grows(&c.nodes[1], n2_before, 20)
     });
     let verdict = c.finish();
     println!("history: {verdict}");
