@@ -1,15 +1,24 @@
 //! End to end on the host: real ZooKeeper, real daemons (`nbd-failover daemon`) on an `image` volume (loop device, ext4, e2fsck, mount), a checksummed writer task, and the history checker.
 //!
-//! Each node is a real daemon process with its own ZooKeeper connection
-//! through a TCP proxy (so one node can be cut off without touching the
-//! server), its own run directory and its own mount path (all nodes share
-//! one kernel here, so they cannot share one path as separate machines do).
+//! Each node is a real daemon process with its own ZooKeeper connection, its
+//! own run directory and its own mount path (all nodes share one kernel here,
+//! so they run with `node.shared_kernel = true` and cannot share one path as
+//! separate machines do). Most scenarios reach ZooKeeper through a TCP proxy
+//! per node (one node can be cut off without touching the server); one runs
+//! each node in its own network namespace on a veth link to a bridge in a
+//! namespace that holds ZooKeeper, and cuts a node by taking its link down.
 //! The writer appends fsync'd records tagged with node and generation to the
-//! volume and acknowledges each outside it; at the end the checker asserts
-//! the records are ordered by generation, no acknowledged record is lost, and
+//! volume and acknowledges each outside it; at the end the checker asserts the
+//! records are ordered by generation, no acknowledged record is lost, and
 //! `e2fsck -fn` finds the filesystem clean.
 //!
-//! Needs root (loop devices, mount). Fails loudly, never skips.
+//! Scenarios: clean SIGTERM hand-over, kill -9 of the holder's daemon (its
+//! task dies with it; restarted, it fences its leftovers), holder cut from
+//! ZooKeeper (proxy blackhole; link down in namespaces), a frozen (SIGSTOP)
+//! holder killed by the systemd watchdog before another node can win, a
+//! corrupted filesystem that no node mounts, a crash-looping task handed over.
+//!
+//! Needs root (loop devices, mount, namespaces). Fails loudly, never skips.
 
 mod support;
 
@@ -32,7 +41,10 @@ fn require_root() {
 struct Node {
     name: String,
     dir: PathBuf,
-    proxy: Proxy,
+    /// This node's connection to ZooKeeper, when not in a network namespace.
+    proxy: Option<Proxy>,
+    /// The node's network namespace, when in one.
+    netns: Option<String>,
     child: Option<Child>,
     env: Vec<(String, String)>,
 }
@@ -58,7 +70,17 @@ impl Node {
             .append(true)
             .open(self.log())
             .expect("daemon log");
-        let child = Command::new(BIN)
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                // `ip netns exec` execs the daemon: same pid, its own network
+                // (and mount) namespace, like a separate machine.
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, BIN]);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let child = cmd
             .args(["daemon", "--config"])
             .arg(self.cfg())
             .env("RUST_LOG", "info")
@@ -113,6 +135,177 @@ impl Node {
     }
 }
 
+/// ZooKeeper's address on the hub bridge (inside our own namespaces only).
+const HUB_IP: &str = "10.231.0.1";
+
+/// Network namespaces: a hub holding ZooKeeper on a bridge, and one namespace
+/// per node with a veth link to the bridge. Deleted on drop.
+struct Hub {
+    prefix: String,
+    nodes: usize,
+    zk: Option<Child>,
+    log: PathBuf,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("ip (iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Hub {
+    fn ns(&self, who: &str) -> String {
+        format!("{}-{who}", self.prefix)
+    }
+
+    fn create(nodes: usize, dir: &std::path::Path) -> Hub {
+        let prefix = format!("nf{}", std::process::id() % 100_000);
+        let mut hub = Hub {
+            prefix,
+            nodes,
+            zk: None,
+            log: dir.join("zk.log"),
+        };
+        let zk = hub.ns("zk");
+        ip(&["netns", "add", &zk]);
+        for i in 1..=nodes {
+            ip(&["netns", "add", &hub.ns(&format!("n{i}"))]);
+        }
+        ip(&["-n", &zk, "link", "set", "lo", "up"]);
+        ip(&["-n", &zk, "link", "add", "br0", "type", "bridge"]);
+        ip(&[
+            "-n",
+            &zk,
+            "addr",
+            "add",
+            &format!("{HUB_IP}/24"),
+            "dev",
+            "br0",
+        ]);
+        ip(&["-n", &zk, "link", "set", "br0", "up"]);
+        for i in 1..=nodes {
+            let ns = hub.ns(&format!("n{i}"));
+            let hub_end = format!("{}v{i}", hub.prefix);
+            ip(&[
+                "link", "add", &hub_end, "netns", &zk, "type", "veth", "peer", "name", "eth0",
+                "netns", &ns,
+            ]);
+            ip(&["-n", &zk, "link", "set", &hub_end, "master", "br0", "up"]);
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("10.231.0.{}/24", 10 + i),
+                "dev",
+                "eth0",
+            ]);
+            ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        }
+        let data = dir.join("zk-data");
+        fs::create_dir_all(&data).expect("zk data");
+        let cfg = dir.join("zoo.cfg");
+        fs::write(
+            &cfg,
+            format!(
+                "tickTime=500\ndataDir={}\nclientPort=2181\nclientPortAddress={HUB_IP}\nadmin.enableServer=false\n\
+                 4lw.commands.whitelist=ruok,srvr\nminSessionTimeout=1000\nmaxSessionTimeout=60000\n",
+                data.display()
+            ),
+        )
+        .expect("zoo.cfg");
+        let log = fs::File::create(&hub.log).expect("zk log");
+        let mut cp = format!("{}:{}", support::zk::ZK_CONF, support::zk::ZK_JAR);
+        if std::path::Path::new(support::zk::SLF4J_SIMPLE).exists() {
+            cp.push(':');
+            cp.push_str(support::zk::SLF4J_SIMPLE);
+        }
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &zk,
+                "java",
+                "-XX:TieredStopAtLevel=1",
+                "-XX:+UseSerialGC",
+                "-Xmx256m",
+            ])
+            .arg("-Dzookeeper.admin.enableServer=false")
+            .arg("-cp")
+            .arg(cp)
+            .arg("org.apache.zookeeper.server.quorum.QuorumPeerMain")
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .expect("start ZooKeeper in its namespace");
+        hub.zk = Some(child);
+        // Ready when it answers ruok from a node's namespace, across the bridge.
+        let probe = format!("exec 3<>/dev/tcp/{HUB_IP}/2181 && echo ruok >&3 && timeout 1 cat <&3");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &hub.ns("n1"), "bash", "-c", &probe])
+                .output()
+                .expect("probe");
+            if String::from_utf8_lossy(&out.stdout).contains("imok") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ZooKeeper in the hub namespace never answered:\n{}",
+                hub.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        hub
+    }
+
+    /// Takes node `i`'s (1-based) link down or up.
+    fn link(&self, i: usize, up: bool) {
+        ip(&[
+            "-n",
+            &self.ns(&format!("n{i}")),
+            "link",
+            "set",
+            "eth0",
+            if up { "up" } else { "down" },
+        ]);
+    }
+
+    fn log_tail(&self) -> String {
+        let t = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = t.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.zk.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.ns("zk")])
+            .status();
+        for i in 1..=self.nodes {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.ns(&format!("n{i}"))])
+                .status();
+        }
+    }
+}
+
 /// Per-node additions to the test config.
 #[derive(Clone, Default)]
 struct Extra {
@@ -127,7 +320,8 @@ struct Extra {
 }
 
 struct Cluster {
-    zk: ZkServer,
+    zk: Option<ZkServer>,
+    hub: Option<Hub>,
     dir: TempDir,
     image: PathBuf,
     nodes: Vec<Node>,
@@ -140,9 +334,27 @@ impl Cluster {
 
     /// A cluster whose node `i` (0-based) gets `extra(i)` on top of the defaults.
     fn with(tag: &str, n: usize, extra: impl Fn(usize) -> Extra) -> Cluster {
+        Cluster::build(tag, n, extra, false)
+    }
+
+    /// Each node in its own network namespace, on a veth link to a bridge in a
+    /// namespace that holds ZooKeeper (no proxy: partitions are link-down).
+    fn in_namespaces(tag: &str, n: usize) -> Cluster {
+        Cluster::build(tag, n, |_| Extra::default(), true)
+    }
+
+    fn build(tag: &str, n: usize, extra: impl Fn(usize) -> Extra, namespaces: bool) -> Cluster {
         require_root();
-        let zk = ZkServer::start();
         let dir = TempDir::new(tag);
+        let (zk, hub) = if namespaces {
+            (None, Some(Hub::create(n, dir.path())))
+        } else {
+            (Some(ZkServer::start()), None)
+        };
+        let zk_addr = match (&zk, &hub) {
+            (Some(z), _) => z.address(),
+            (None, _) => format!("{HUB_IP}:2181"),
+        };
         let image = dir.path().join("volume.img");
         let f = fs::File::create(&image).expect("image");
         f.set_len(64 << 20).expect("size image");
@@ -158,12 +370,16 @@ impl Cluster {
                 let name = format!("n{i}");
                 let ndir = dir.path().join(&name);
                 fs::create_dir_all(ndir.join("mnt")).expect("node dir");
-                let proxy = Proxy::start(&zk.address());
+                let (proxy, netns) = match &hub {
+                    Some(h) => (None, Some(h.ns(&name))),
+                    None => (Some(Proxy::start(&zk_addr)), None),
+                };
                 let x = extra(i - 1);
                 let node = Node {
                     name: name.clone(),
                     dir: ndir,
                     proxy,
+                    netns,
                     child: None,
                     env: x.env.clone(),
                 };
@@ -208,7 +424,7 @@ path = "{image}"
                     volume_extra = x.volume,
                     top_extra = x.top,
                     d = node.dir.display(),
-                    zk = node.proxy.address(),
+                    zk = node.proxy.as_ref().map_or(zk_addr.clone(), |p| p.address()),
                     mnt = node.mnt().display(),
                     image = image.display(),
                 );
@@ -228,6 +444,7 @@ path = "{image}"
             .collect();
         Cluster {
             zk,
+            hub,
             dir,
             image,
             nodes,
@@ -252,7 +469,11 @@ path = "{image}"
                 panic!(
                     "timed out after {limit:?} waiting for {what}\n{}\n--- zookeeper ---\n{}",
                     logs.join("\n"),
-                    self.zk.log_tail()
+                    match (&self.zk, &self.hub) {
+                        (Some(z), _) => z.log_tail(),
+                        (None, Some(h)) => h.log_tail(),
+                        (None, None) => String::new(),
+                    }
                 );
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -446,7 +667,7 @@ fn a_holder_cut_from_zookeeper_fences_before_the_other_node_takes_over() {
     });
 
     let t0 = Instant::now();
-    c.nodes[0].proxy.blackhole();
+    c.nodes[0].proxy.as_ref().expect("proxy").blackhole();
     let mut fenced_at = None;
     let mut attach_at = None;
     c.wait("n2 to attach", Duration::from_secs(30), |c| {
@@ -482,7 +703,7 @@ fn a_holder_cut_from_zookeeper_fences_before_the_other_node_takes_over() {
     });
 
     // Heal: n1 finds its session gone and queues again, without touching the volume.
-    c.nodes[0].proxy.heal();
+    c.nodes[0].proxy.as_ref().expect("proxy").heal();
     c.wait("n1 to queue again", Duration::from_secs(30), |c| {
         c.nodes[0]
             .log_text()
@@ -756,6 +977,59 @@ fn a_frozen_holder_is_killed_by_the_watchdog_before_another_node_can_win() {
     );
     c.wait("n2 to write", Duration::from_secs(20), |c| {
         grows(&c.nodes[1], n2_before, 20)
+    });
+    let verdict = c.finish();
+    println!("history: {verdict}");
+}
+
+#[test]
+fn in_network_namespaces_a_holder_whose_link_goes_down_fences_before_the_other_takes_over() {
+    let mut c = Cluster::in_namespaces("netns", 2);
+    c.nodes[0].start();
+    c.wait("n1 to run its writer", Duration::from_secs(40), |c| {
+        grows(&c.nodes[0], 0, 20)
+    });
+    c.nodes[1].start();
+    c.wait("n2 to queue", Duration::from_secs(20), |c| {
+        log_has(&c.nodes[1], "contending for the lease")
+    });
+
+    let t0 = Instant::now();
+    c.hub.as_ref().expect("hub").link(1, false);
+    let mut fenced_at = None;
+    let mut attach_at = None;
+    c.wait("n2 to attach", Duration::from_secs(30), |c| {
+        if fenced_at.is_none() && log_has(&c.nodes[0], "device detached: fence complete (suspended")
+        {
+            fenced_at = Some(t0.elapsed());
+        }
+        if attach_at.is_none() && log_has(&c.nodes[1], "attaching under generation") {
+            attach_at = Some(t0.elapsed());
+        }
+        attach_at.is_some()
+    });
+    let fenced = fenced_at.expect("n1 finished its fence before n2 attached");
+    let attached = attach_at.expect("n2 attached");
+    println!(
+        "netns link down: n1 fenced {:.3}s after the cut; n2 attached {:.3}s after it",
+        fenced.as_secs_f64(),
+        attached.as_secs_f64()
+    );
+    assert!(
+        fenced < Duration::from_millis(3500),
+        "fence later than T - margin after the cut: {fenced:?}"
+    );
+    let n2_before = c.nodes[1].acks();
+    c.wait("n2 to write", Duration::from_secs(20), |c| {
+        grows(&c.nodes[1], n2_before, 20)
+    });
+    c.hub.as_ref().expect("hub").link(1, true);
+    c.wait("n1 to queue again", Duration::from_secs(30), |c| {
+        c.nodes[0]
+            .log_text()
+            .matches("contending for the lease")
+            .count()
+            >= 2
     });
     let verdict = c.finish();
     println!("history: {verdict}");
