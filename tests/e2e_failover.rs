@@ -1034,3 +1034,75 @@ fn in_network_namespaces_a_holder_whose_link_goes_down_fences_before_the_other_t
     let verdict = c.finish();
     println!("history: {verdict}");
 }
+
+#[test]
+fn a_holder_paused_past_the_session_timeout_fences_on_resume_before_the_lock_delay_ends() {
+    // No watchdog here: the daemon is SIGSTOPped for longer than T (its task
+    // keeps running, still under the lease until the server expires it). On
+    // SIGCONT its core sees that ZooKeeper has not answered for longer than
+    // suspend_grace and fences at once, starting nothing new; the other node,
+    // which won after the expiry from an unclean predecessor, waits out the
+    // lock-delay first. (With the watchdog on, the frozen daemon would have
+    // been killed after WatchdogSec instead: see the watchdog test.)
+    let mut c = Cluster::with("pause", 2, |_| Extra {
+        volume: "lock_delay = \"4s\"".to_string(),
+        ..Extra::default()
+    });
+    c.nodes[0].start();
+    c.wait("n1 to run its writer", Duration::from_secs(30), |c| {
+        grows(&c.nodes[0], 0, 20)
+    });
+    c.nodes[1].start();
+    c.wait("n2 to queue", Duration::from_secs(20), |c| {
+        log_has(&c.nodes[1], "contending for the lease")
+    });
+    let pid = nix::unistd::Pid::from_raw(c.nodes[0].child.as_ref().expect("n1").id() as i32);
+    let t0 = Instant::now();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    c.wait(
+        "n2 to win (after the server expired n1's session)",
+        Duration::from_secs(20),
+        |c| log_has(&c.nodes[1], "after an unclean predecessor: lock-delay"),
+    );
+    let won = t0.elapsed();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
+    let resumed = t0.elapsed();
+    let mut fenced_at = None;
+    let mut attach_at = None;
+    c.wait("n2 to attach", Duration::from_secs(20), |c| {
+        if fenced_at.is_none() && log_has(&c.nodes[0], "device detached: fence complete") {
+            fenced_at = Some(t0.elapsed());
+        }
+        if attach_at.is_none() && log_has(&c.nodes[1], "attaching under generation") {
+            attach_at = Some(t0.elapsed());
+        }
+        attach_at.is_some()
+    });
+    let fenced = fenced_at.expect("n1 fenced on resume before n2 attached");
+    let attached = attach_at.expect("n2 attached");
+    println!(
+        "paused holder: n2 won {:.2}s after SIGSTOP; SIGCONT at {:.2}s; n1 fenced at {:.2}s; n2 attached at {:.2}s (lock-delay 4s)",
+        won.as_secs_f64(),
+        resumed.as_secs_f64(),
+        fenced.as_secs_f64(),
+        attached.as_secs_f64()
+    );
+    let n1 = c.nodes[0].log_text();
+    assert!(
+        n1.contains("no answer from ZooKeeper since"),
+        "n1 must suspend on its own clock at resume:\n{}",
+        c.nodes[0].log_tail()
+    );
+    let after_resume = &n1[n1.find("no answer from ZooKeeper since").unwrap_or(0)..];
+    assert!(
+        !after_resume.contains("attaching under") && !after_resume.contains("starting the task"),
+        "n1 brought something up after resuming:\n{}",
+        c.nodes[0].log_tail()
+    );
+    let n2_before = c.nodes[1].acks();
+    c.wait("n2 to write", Duration::from_secs(20), |c| {
+        grows(&c.nodes[1], n2_before, 20)
+    });
+    let verdict = c.finish();
+    println!("history: {verdict}");
+}
