@@ -557,6 +557,57 @@ impl Drop for Cluster {
     }
 }
 
+/// Seconds since midnight UTC of a daemon log line (`2026-11-26T13:45:47.016474Z ...`).
+fn log_time(line: &str) -> Option<f64> {
+    let ts = line.split_whitespace().next()?;
+    let time = ts.split('T').nth(1)?.trim_end_matches('Z');
+    let mut parts = time.split(':');
+    let h: f64 = parts.next()?.parse().ok()?;
+    let m: f64 = parts.next()?.parse().ok()?;
+    let sec: f64 = parts.next()?.parse().ok()?;
+    Some(h * 3600.0 + m * 60.0 + sec)
+}
+
+fn now_of_day() -> f64 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock");
+    (d.as_secs() % 86_400) as f64 + f64::from(d.subsec_micros()) / 1e6
+}
+
+/// The new holder's failover split into phases, from its log after `fault_at`
+/// (seconds of day): detection (fault → lease won), lock-delay, attach, fsck,
+/// mount and task start. Printed, never asserted (timings are the machine's).
+fn phases(n: &Node, fault_at: f64) -> String {
+    let log = n.log_text();
+    let first = |needle: &str| {
+        log.lines()
+            .filter(|l| l.contains(needle))
+            .filter_map(log_time)
+            .find(|t| *t >= fault_at)
+    };
+    let marks = [
+        ("detection", first("lease won")),
+        ("lock-delay", first("attaching under generation")),
+        ("attach", first("device attached")),
+        ("fsck", first("filesystem clean")),
+        ("mount", first("mounted: starting the task")),
+        ("start", first("task started")),
+    ];
+    let mut prev = fault_at;
+    let mut out = Vec::new();
+    for (name, t) in marks {
+        match t {
+            Some(t) => {
+                out.push(format!("{name} {:.3}s", t - prev));
+                prev = t;
+            }
+            None => out.push(format!("{name} ?")),
+        }
+    }
+    format!("{} = {:.3}s", out.join(" + "), prev - fault_at)
+}
+
 fn grows(n: &Node, from: usize, by: usize) -> bool {
     n.acks() >= from + by
 }
@@ -583,6 +634,7 @@ fn clean_hand_over_then_kill_9_of_the_holder() {
 
     // Clean hand-over: SIGTERM n1; n2 takes over without lock-delay.
     let t0 = Instant::now();
+    let fault_t0 = now_of_day();
     let st = c.nodes[0].sigterm(Duration::from_secs(20));
     assert!(
         st.success(),
@@ -618,6 +670,7 @@ fn clean_hand_over_then_kill_9_of_the_holder() {
         grows(&c.nodes[1], n2_before, 20)
     });
     let t1 = Instant::now();
+    let fault_t1 = now_of_day();
     c.nodes[1].kill9();
     let frozen = c.nodes[1].acks();
     std::thread::sleep(Duration::from_millis(300));
@@ -650,6 +703,14 @@ fn clean_hand_over_then_kill_9_of_the_holder() {
     c.wait("n1 to have written", Duration::from_secs(20), |c| {
         grows(&c.nodes[0], n1_before, 20)
     });
+    println!(
+        "failover phases, clean hand-over (SIGTERM): {}",
+        phases(&c.nodes[1], fault_t0)
+    );
+    println!(
+        "failover phases, kill -9 of the holder's daemon: {}",
+        phases(&c.nodes[0], fault_t1)
+    );
     let verdict = c.finish();
     println!("history: {verdict}");
 }
@@ -667,6 +728,7 @@ fn a_holder_cut_from_zookeeper_fences_before_the_other_node_takes_over() {
     });
 
     let t0 = Instant::now();
+    let fault_t0 = now_of_day();
     c.nodes[0].proxy.as_ref().expect("proxy").blackhole();
     let mut fenced_at = None;
     let mut attach_at = None;
@@ -711,6 +773,10 @@ fn a_holder_cut_from_zookeeper_fences_before_the_other_node_takes_over() {
             .count()
             >= 2
     });
+    println!(
+        "failover phases, holder cut from ZooKeeper (proxy): {}",
+        phases(&c.nodes[1], fault_t0)
+    );
     let verdict = c.finish();
     println!("history: {verdict}");
 }
@@ -934,6 +1000,7 @@ fn a_frozen_holder_is_killed_by_the_watchdog_before_another_node_can_win() {
     // Freeze n1's daemon (its task keeps running, as with a GC pause or SIGSTOP).
     let pid = nix::unistd::Pid::from_raw(c.nodes[0].child.as_ref().expect("n1").id() as i32);
     let t0 = Instant::now();
+    let fault_t0 = now_of_day();
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
     // systemd's watchdog: no WATCHDOG=1 for WatchdogSec (2 s) → kill the unit.
     c.wait("the watchdog to expire", Duration::from_secs(10), |_| {
@@ -978,6 +1045,10 @@ fn a_frozen_holder_is_killed_by_the_watchdog_before_another_node_can_win() {
     c.wait("n2 to write", Duration::from_secs(20), |c| {
         grows(&c.nodes[1], n2_before, 20)
     });
+    println!(
+        "failover phases, frozen holder, systemd watchdog: {}",
+        phases(&c.nodes[1], fault_t0)
+    );
     let verdict = c.finish();
     println!("history: {verdict}");
 }
@@ -995,6 +1066,7 @@ fn in_network_namespaces_a_holder_whose_link_goes_down_fences_before_the_other_t
     });
 
     let t0 = Instant::now();
+    let fault_t0 = now_of_day();
     c.hub.as_ref().expect("hub").link(1, false);
     let mut fenced_at = None;
     let mut attach_at = None;
@@ -1031,6 +1103,10 @@ fn in_network_namespaces_a_holder_whose_link_goes_down_fences_before_the_other_t
             .count()
             >= 2
     });
+    println!(
+        "failover phases, link down (network namespaces): {}",
+        phases(&c.nodes[1], fault_t0)
+    );
     let verdict = c.finish();
     println!("history: {verdict}");
 }
@@ -1058,6 +1134,7 @@ fn a_holder_paused_past_the_session_timeout_fences_on_resume_before_the_lock_del
     });
     let pid = nix::unistd::Pid::from_raw(c.nodes[0].child.as_ref().expect("n1").id() as i32);
     let t0 = Instant::now();
+    let fault_t0 = now_of_day();
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
     c.wait(
         "n2 to win (after the server expired n1's session)",
@@ -1103,6 +1180,10 @@ fn a_holder_paused_past_the_session_timeout_fences_on_resume_before_the_lock_del
     c.wait("n2 to write", Duration::from_secs(20), |c| {
         grows(&c.nodes[1], n2_before, 20)
     });
+    println!(
+        "failover phases, holder paused past T, no watchdog: {}",
+        phases(&c.nodes[1], fault_t0)
+    );
     let verdict = c.finish();
     println!("history: {verdict}");
 }
