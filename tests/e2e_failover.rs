@@ -591,6 +591,37 @@ filesystem = "ext4"
         start.elapsed()
     }
 
+    /// Starts n1, waits until its writer runs, then starts n2 and waits until it queues.
+    fn start_holder_and_standby(&mut self) {
+        self.nodes[0].start();
+        self.wait("n1 to run its writer", Duration::from_secs(40), |c| {
+            grows(&c.nodes[0], 0, 20)
+        });
+        self.nodes[1].start();
+        self.wait("n2 to queue", Duration::from_secs(20), |c| {
+            log_has(&c.nodes[1], "contending for the lease")
+        });
+    }
+
+    /// After a fault at `t0`: waits until n2 attaches, noting when n1's log
+    /// showed `fence_marker`; returns both instants relative to `t0`, and
+    /// fails if n1 had not finished its fence by the time n2 attached.
+    fn fence_then_attach(&self, t0: Instant, fence_marker: &str) -> (Duration, Duration) {
+        let mut fenced_at = None;
+        let mut attach_at = None;
+        self.wait("n2 to attach", Duration::from_secs(30), |c| {
+            if fenced_at.is_none() && log_has(&c.nodes[0], fence_marker) {
+                fenced_at = Some(t0.elapsed());
+            }
+            if attach_at.is_none() && log_has(&c.nodes[1], "attaching under generation") {
+                attach_at = Some(t0.elapsed());
+            }
+            attach_at.is_some()
+        });
+        let fenced = fenced_at.expect("n1 finished its fence before n2 attached");
+        (fenced, attach_at.expect("n2 attached"))
+    }
+
     /// Stops every daemon, then checks the history and the filesystem.
     fn finish(mut self) -> String {
         for n in &mut self.nodes {
@@ -836,32 +867,12 @@ fn clean_hand_over_then_kill_9_of_the_holder() {
 #[test]
 fn a_holder_cut_from_zookeeper_fences_before_the_other_node_takes_over() {
     let mut c = Cluster::new("partition", 2);
-    c.nodes[0].start();
-    c.wait("n1 to run its writer", Duration::from_secs(30), |c| {
-        grows(&c.nodes[0], 0, 20)
-    });
-    c.nodes[1].start();
-    c.wait("n2 to queue", Duration::from_secs(20), |c| {
-        log_has(&c.nodes[1], "contending for the lease")
-    });
+    c.start_holder_and_standby();
 
     let t0 = Instant::now();
     let fault_t0 = now_of_day();
     c.nodes[0].proxy.as_ref().expect("proxy").blackhole();
-    let mut fenced_at = None;
-    let mut attach_at = None;
-    c.wait("n2 to attach", Duration::from_secs(30), |c| {
-        if fenced_at.is_none() && log_has(&c.nodes[0], "device detached: fence complete (suspended")
-        {
-            fenced_at = Some(t0.elapsed());
-        }
-        if attach_at.is_none() && log_has(&c.nodes[1], "attaching under generation") {
-            attach_at = Some(t0.elapsed());
-        }
-        attach_at.is_some()
-    });
-    let fenced = fenced_at.expect("n1 finished its fence before n2 attached");
-    let attached = attach_at.expect("n2 attached");
+    let (fenced, attached) = c.fence_then_attach(t0, "device detached: fence complete (suspended");
     println!(
         "partition: n1 fenced {:.3}s after the cut; n2 attached {:.3}s after the cut ({:.3}s later)",
         fenced.as_secs_f64(),
@@ -1117,14 +1128,7 @@ fn a_frozen_holder_is_killed_by_the_watchdog_before_another_node_can_win() {
             Extra::default()
         }
     });
-    c.nodes[0].start();
-    c.wait("n1 to run its writer", Duration::from_secs(30), |c| {
-        grows(&c.nodes[0], 0, 20)
-    });
-    c.nodes[1].start();
-    c.wait("n2 to queue", Duration::from_secs(20), |c| {
-        log_has(&c.nodes[1], "contending for the lease")
-    });
+    c.start_holder_and_standby();
     assert!(
         systemd.pets.load(std::sync::atomic::Ordering::Relaxed) > 0,
         "n1 never petted the systemd watchdog"
@@ -1195,32 +1199,12 @@ fn in_network_namespaces_a_holder_whose_link_goes_down_fences_before_the_other_t
          test visibly)"
     );
     let mut c = Cluster::in_namespaces("netns", 2);
-    c.nodes[0].start();
-    c.wait("n1 to run its writer", Duration::from_secs(40), |c| {
-        grows(&c.nodes[0], 0, 20)
-    });
-    c.nodes[1].start();
-    c.wait("n2 to queue", Duration::from_secs(20), |c| {
-        log_has(&c.nodes[1], "contending for the lease")
-    });
+    c.start_holder_and_standby();
 
     let t0 = Instant::now();
     let fault_t0 = now_of_day();
     c.hub.as_ref().expect("hub").link(1, false);
-    let mut fenced_at = None;
-    let mut attach_at = None;
-    c.wait("n2 to attach", Duration::from_secs(30), |c| {
-        if fenced_at.is_none() && log_has(&c.nodes[0], "device detached: fence complete (suspended")
-        {
-            fenced_at = Some(t0.elapsed());
-        }
-        if attach_at.is_none() && log_has(&c.nodes[1], "attaching under generation") {
-            attach_at = Some(t0.elapsed());
-        }
-        attach_at.is_some()
-    });
-    let fenced = fenced_at.expect("n1 finished its fence before n2 attached");
-    let attached = attach_at.expect("n2 attached");
+    let (fenced, attached) = c.fence_then_attach(t0, "device detached: fence complete (suspended");
     println!(
         "netns link down: n1 fenced {:.3}s after the cut; n2 attached {:.3}s after it",
         fenced.as_secs_f64(),
@@ -1263,14 +1247,7 @@ fn a_holder_paused_past_the_session_timeout_fences_on_resume_before_the_lock_del
         volume: "lock_delay = \"4s\"".to_string(),
         ..Extra::default()
     });
-    c.nodes[0].start();
-    c.wait("n1 to run its writer", Duration::from_secs(30), |c| {
-        grows(&c.nodes[0], 0, 20)
-    });
-    c.nodes[1].start();
-    c.wait("n2 to queue", Duration::from_secs(20), |c| {
-        log_has(&c.nodes[1], "contending for the lease")
-    });
+    c.start_holder_and_standby();
     let pid = nix::unistd::Pid::from_raw(c.nodes[0].child.as_ref().expect("n1").id() as i32);
     let t0 = Instant::now();
     let fault_t0 = now_of_day();
@@ -1283,19 +1260,7 @@ fn a_holder_paused_past_the_session_timeout_fences_on_resume_before_the_lock_del
     let won = t0.elapsed();
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
     let resumed = t0.elapsed();
-    let mut fenced_at = None;
-    let mut attach_at = None;
-    c.wait("n2 to attach", Duration::from_secs(20), |c| {
-        if fenced_at.is_none() && log_has(&c.nodes[0], "device detached: fence complete") {
-            fenced_at = Some(t0.elapsed());
-        }
-        if attach_at.is_none() && log_has(&c.nodes[1], "attaching under generation") {
-            attach_at = Some(t0.elapsed());
-        }
-        attach_at.is_some()
-    });
-    let fenced = fenced_at.expect("n1 fenced on resume before n2 attached");
-    let attached = attach_at.expect("n2 attached");
+    let (fenced, attached) = c.fence_then_attach(t0, "device detached: fence complete");
     println!(
         "paused holder: n2 won {:.2}s after SIGSTOP; SIGCONT at {:.2}s; n1 fenced at {:.2}s; n2 attached at {:.2}s (lock-delay 4s)",
         won.as_secs_f64(),
