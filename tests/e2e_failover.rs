@@ -502,7 +502,7 @@ impl Cluster {
                 });
                 let cfg = format!(
                     r#"[node]
-id = "{name}"
+id = "{tag}-{name}"
 state_dir = "{d}/state"
 shared_kernel = true
 run_dir = "{d}/run"
