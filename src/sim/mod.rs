@@ -400,7 +400,6 @@ struct Node {
     timer_at: Option<Instant>,
     // the world on this node (kernel, mounts, processes)
     attached: Option<(Generation, Instant)>,
-    attach_busy: bool,
     mounted: Option<Generation>,
     task: Option<Task>,
     link_up: bool,
@@ -459,7 +458,6 @@ pub fn run(seed: u64, cfg: &SimConfig) -> SimOutcome {
                 deferred: Vec::new(),
                 timer_at: None,
                 attached: None,
-                attach_busy: false,
                 mounted: None,
                 task: None,
                 link_up: true,
@@ -1054,7 +1052,6 @@ impl<'c> Sim<'c> {
                 }
                 let ok = !self.chance(self.cfg.faults.detach_fail);
                 let d = self.ms(10, 300);
-                self.nodes[node].attach_busy = true;
                 self.at(
                     d,
                     Ev::World {
@@ -1112,7 +1109,6 @@ impl<'c> Sim<'c> {
                 self.send_daemon(node, Duration::ZERO, Event::Unmounted(e));
             }
             WorldEv::DetachDone { ok } => {
-                self.nodes[node].attach_busy = false;
                 if ok {
                     self.nodes[node].attached = None;
                 }
@@ -1340,7 +1336,6 @@ impl<'c> Sim<'c> {
         n.task = None;
         n.mounted = None;
         n.attached = None;
-        n.attach_busy = false;
         n.client.session = None;
         n.deferred.clear();
         n.wd_check_at = None;
@@ -1544,11 +1539,9 @@ impl<'c> Sim<'c> {
 
     fn touch(&mut self, session: SessionId) -> bool {
         let now = self.now;
-        let t = self.t.session_timeout;
         match self.server.sessions.get_mut(&session) {
             Some(s) if s.2 => {
                 s.1 = now;
-                let _ = t;
                 true
             }
             Some(_) | None => false,
