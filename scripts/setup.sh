@@ -26,6 +26,9 @@ APT_PACKAGES=(
   qemu-system-x86   # the VM lab's emulator (TCG); see the qemu-utils note below
   busybox-static    # virtme-ng builds the VM's initramfs with busybox
   python3-venv      # the venv virtme-ng is installed into (below)
+  dpkg-dev          # dpkg-shlibdeps: the Debian package's library dependencies (scripts/build-deb.sh)
+  binutils          # strip: the packaged binary
+  systemd           # systemd-analyze verify: the packaged unit (scripts/check-package.sh)
 )
 # virtme-ng (the VM lab's `vng`) comes from PyPI into this venv; vm-lab.sh looks here.
 VNG_VENV=${VNG_VENV:-/opt/nbd-failover-venv}

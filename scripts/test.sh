@@ -110,6 +110,7 @@ run_step purity-selftest scripts/check-core-purity-selftest.sh
 run_step file-headers scripts/check-core-purity.sh --all-files
 run_step tests cargo test "${locked[@]}" --release --all-targets -- --show-output
 run_step doctests cargo test "${locked[@]}" --release --doc
+run_step package scripts/check-package.sh
 run_step vm-lab scripts/vm-lab.sh
 
 passed=0

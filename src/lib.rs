@@ -33,16 +33,24 @@
 //!   and systemd tasks, the `image` (loop device) and `dir` backends, the
 //!   start-up recovery scan — each behind a trait with a recording fake, and
 //!   the mapping of their results to core events.
+//! - [`control`]: the daemon's root-only control socket: typed requests
+//!   (status, release, drain, forced detach, on-demand acquire) and the
+//!   durable reference table behind dvdcli and the Mesos hooks.
+//! - [`metrics`]: the Prometheus endpoint (`/metrics`, `/healthz`).
+//! - [`logging`]: tracing to stderr, or to journald under systemd.
 //! - [`testkit`]: the record writer task and history checker behind the
 //!   hidden `testkit` subcommands (end-to-end tests, fault campaign).
 //! - [`cli`]: the command-line interface behind the `nbd-failover` binary.
 
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod core;
 pub mod daemon;
 pub mod exec;
 pub mod lease;
+pub mod logging;
+pub mod metrics;
 pub mod nbd;
 pub mod sim;
 pub mod testkit;

@@ -536,3 +536,76 @@ fn a_lease_won_while_not_contending_is_given_back() {
         }]
     );
 }
+
+#[test]
+fn an_on_demand_volume_starts_out_and_contends_only_when_resumed() {
+    let mut d = Drive::with(VolumePolicy {
+        start_out: true,
+        has_task: false,
+        ..VolumePolicy::default()
+    });
+    assert!(d
+        .ev(Event::Start {
+            leftovers: Leftovers::default()
+        })
+        .is_empty());
+    assert_eq!(d.m.phase(), Phase::Out);
+    assert_eq!(d.ev(Event::Resume), vec![Effect::Contend]);
+    assert_eq!(d.won(true), vec![Effect::Attach { generation: G }]);
+    // The last reference dropped: drain fences, releases cleanly and stays out.
+    d.ev(Event::Attached(Ok(())));
+    d.ev(Event::FsckDone(FsckOutcome::Clean));
+    d.ev(Event::Mounted(Ok(())));
+    assert_eq!(d.m.phase(), Phase::Running);
+    assert_eq!(
+        d.ev(Event::Release { rejoin: false }),
+        vec![Effect::Unmount { force: false }]
+    );
+    assert_eq!(d.ev(Event::Unmounted(Ok(()))), vec![Effect::Detach]);
+    let fx = d.ev(Event::Detached(Ok(())));
+    assert!(fx.contains(&Effect::Release {
+        generation: G,
+        clean: true
+    }));
+    assert!(!fx.contains(&Effect::Contend));
+    assert_eq!(d.m.phase(), Phase::Out);
+}
+
+#[test]
+fn on_demand_leftovers_are_fenced_and_a_resume_during_that_fence_contends_after_it() {
+    let mut d = Drive::with(VolumePolicy {
+        start_out: true,
+        has_task: false,
+        ..VolumePolicy::default()
+    });
+    let fx = d.ev(Event::Start {
+        leftovers: Leftovers {
+            attached: Some(Some(G)),
+            mounted: true,
+            task_running: false,
+        },
+    });
+    assert_eq!(fx, vec![Effect::Unmount { force: false }]);
+    assert_eq!(d.m.phase(), Phase::Recovering);
+    // A reference recorded before the restart resumes it while the fence runs.
+    assert!(d.ev(Event::Resume).is_empty());
+    assert_eq!(d.ev(Event::Unmounted(Ok(()))), vec![Effect::Detach]);
+    let fx = d.ev(Event::Detached(Ok(())));
+    assert_eq!(fx, vec![Effect::Contend], "contends after the leftover fence");
+    // Without the resume it would have stayed out.
+    let mut d = Drive::with(VolumePolicy {
+        start_out: true,
+        has_task: false,
+        ..VolumePolicy::default()
+    });
+    d.ev(Event::Start {
+        leftovers: Leftovers {
+            attached: Some(Some(G)),
+            mounted: true,
+            task_running: false,
+        },
+    });
+    d.ev(Event::Unmounted(Ok(())));
+    assert!(d.ev(Event::Detached(Ok(()))).is_empty());
+    assert_eq!(d.m.phase(), Phase::Out);
+}

@@ -36,15 +36,16 @@ use std::path::Path;
 
 pub use error::{ConfigError, ConfigErrors};
 pub use model::{
-    fmt_config_duration, Backend, Config, FencingConfig, Filesystem, HostPort, NbdConfig,
-    NbdServer, NodeConfig, TaskConfig, TaskRun, VolumeConfig, WatchdogConfig, ZooKeeperAuth,
-    ZooKeeperConfig, ZooKeeperTls, FENCING_KEYS,
+    fmt_config_duration, Activation, Backend, Config, ControlConfig, FencingConfig, Filesystem,
+    HostPort, MesosConfig, MetricsConfig, NbdConfig, NbdServer, NodeConfig, TaskConfig, TaskRun,
+    VolumeConfig, WatchdogConfig, ZooKeeperAuth, ZooKeeperConfig, ZooKeeperTls, FENCING_KEYS,
 };
 pub use report::{budget_report, effective_toml, report, to_json};
 pub use schema::{
-    DEFAULT_CHROOT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_NBD_DEAD_CONN_TIMEOUT, DEFAULT_NBD_TIMEOUT,
-    DEFAULT_RUN_DIR, DEFAULT_SESSION_TIMEOUT, DEFAULT_STATE_DIR, DEFAULT_WATCHDOG_DEVICE,
-    MAX_NBD_CONNECTIONS, SESSION_TIMEOUT_RANGE,
+    DEFAULT_ACQUIRE_WAIT, DEFAULT_CHROOT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_LABEL_KEY,
+    DEFAULT_METRICS_LISTEN, DEFAULT_NBD_DEAD_CONN_TIMEOUT, DEFAULT_NBD_TIMEOUT, DEFAULT_RUN_DIR,
+    DEFAULT_SESSION_TIMEOUT, DEFAULT_STATE_DIR, DEFAULT_WATCHDOG_DEVICE, MAX_NBD_CONNECTIONS,
+    MESOS_KILL_AFTER, SESSION_TIMEOUT_RANGE,
 };
 
 /// Reads and validates the config file at `path`.

@@ -22,6 +22,12 @@ pub struct Config {
     pub watchdog: WatchdogConfig,
     /// `[fencing]`: fencing defaults for all volumes (each volume may override them).
     pub fencing: FencingConfig,
+    /// `[control]`: the local control socket.
+    pub control: ControlConfig,
+    /// `[metrics]`: the Prometheus endpoint.
+    pub metrics: MetricsConfig,
+    /// `[mesos]`: dvdcli and the Mesos hooks.
+    pub mesos: MesosConfig,
     /// `[volumes.NAME]`, sorted by name.
     pub volumes: Vec<VolumeConfig>,
 }
@@ -49,6 +55,45 @@ pub struct NodeConfig {
     /// claims only this node's devices. Off in production: there every device
     /// labelled with the volume is this node's to fence, whatever node id made it.
     pub shared_kernel: bool,
+}
+
+/// `[control]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ControlConfig {
+    /// The daemon's unix socket (mode 0600, root only); default `<run_dir>/control.sock`.
+    pub socket: PathBuf,
+}
+
+/// `[metrics]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MetricsConfig {
+    /// Loopback address serving `/metrics` and `/healthz`; `None` when `listen = "off"`.
+    pub listen: Option<std::net::SocketAddr>,
+    /// Whether the file set `listen` (a failure to bind an explicit address stops
+    /// the daemon; the default address is given up with an error in the log).
+    pub explicit: bool,
+}
+
+/// `[mesos]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MesosConfig {
+    /// How long `dvdcli mount` and the prepare hook wait for the lease (below Mesos' 120 s kill).
+    #[serde(with = "dur")]
+    pub acquire_wait: std::time::Duration,
+    /// Task label listing the volumes a container needs (comma-separated).
+    pub label_key: String,
+}
+
+/// When a volume contends for its lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Activation {
+    /// From daemon start (the volume's own `[task]` runs on the holder).
+    Always,
+    /// Only while something holds a reference: `dvdcli mount`, a Mesos
+    /// container (prepare hook), `nbd-failover acquire`. References are
+    /// recorded durably in `state_dir` before acting.
+    OnDemand,
 }
 
 /// A `host:port` pair (IPv6 hosts are written in brackets).
@@ -295,6 +340,8 @@ pub struct VolumeConfig {
     /// Task restart policy.
     #[serde(serialize_with = "ser_restart")]
     pub restart: RestartPolicy,
+    /// `always` (contend from start) or `on-demand` (while referenced).
+    pub activation: Activation,
     /// What the core decides with (timings from `[zookeeper]`, `[watchdog]` and fencing).
     #[serde(skip)]
     pub policy: VolumePolicy,

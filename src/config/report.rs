@@ -107,6 +107,28 @@ pub fn effective_toml(cfg: &Config) -> String {
         }
     }
 
+    let _ = writeln!(o, "\n[control]");
+    let _ = writeln!(
+        o,
+        "socket = {}",
+        q(&cfg.control.socket.display().to_string())
+    );
+    let _ = writeln!(o, "\n[metrics]");
+    match cfg.metrics.listen {
+        Some(a) if !cfg.metrics.explicit => {
+            let _ = writeln!(o, "# listen = {}  (the default)", q(&a.to_string()));
+        }
+        Some(a) => {
+            let _ = writeln!(o, "listen = {}", q(&a.to_string()));
+        }
+        None => {
+            let _ = writeln!(o, "listen = \"off\"");
+        }
+    }
+    let _ = writeln!(o, "\n[mesos]");
+    let _ = writeln!(o, "acquire_wait = {}", qd(cfg.mesos.acquire_wait));
+    let _ = writeln!(o, "label_key = {}", q(&cfg.mesos.label_key));
+
     for v in &cfg.volumes {
         volume_toml(&mut o, v);
     }
@@ -124,6 +146,9 @@ fn volume_toml(o: &mut String, v: &VolumeConfig) {
     let opts: Vec<String> = v.mount_options.iter().map(|s| q(s)).collect();
     let _ = writeln!(o, "mount_options = [{}]", opts.join(", "));
     let _ = writeln!(o, "fsck = {}", q(fsck_name(v.fsck)));
+    if v.activation == crate::config::Activation::OnDemand {
+        let _ = writeln!(o, "activation = \"on-demand\"");
+    }
     for key in FENCING_KEYS {
         if v.fencing_overrides.iter().any(|k| k == key) {
             if let Some(d) = v.fencing.get(key) {

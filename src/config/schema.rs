@@ -14,9 +14,9 @@ use crate::core::time::fmt_duration;
 
 use super::error::Sink;
 use super::model::{
-    Backend, Config, FencingConfig, Filesystem, HostPort, NbdConfig, NbdServer, NodeConfig,
-    TaskConfig, TaskRun, VolumeConfig, WatchdogConfig, ZooKeeperAuth, ZooKeeperConfig,
-    ZooKeeperTls, FENCING_KEYS,
+    Activation, Backend, Config, ControlConfig, FencingConfig, Filesystem, HostPort, MesosConfig,
+    MetricsConfig, NbdConfig, NbdServer, NodeConfig, TaskConfig, TaskRun, VolumeConfig,
+    WatchdogConfig, ZooKeeperAuth, ZooKeeperConfig, ZooKeeperTls, FENCING_KEYS,
 };
 use super::reader::{At, Table};
 
@@ -42,7 +42,27 @@ pub const DEFAULT_NBD_DEAD_CONN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Maximum NBD connections per device.
 pub const MAX_NBD_CONNECTIONS: i64 = 16;
 
-const TOP_KEYS: &[&str] = &["node", "zookeeper", "watchdog", "fencing", "volumes"];
+const TOP_KEYS: &[&str] = &[
+    "node",
+    "zookeeper",
+    "watchdog",
+    "fencing",
+    "control",
+    "metrics",
+    "mesos",
+    "volumes",
+];
+const CONTROL_KEYS: &[&str] = &["socket"];
+const METRICS_KEYS: &[&str] = &["listen"];
+const MESOS_KEYS: &[&str] = &["acquire_wait", "label_key"];
+/// Default metrics endpoint (loopback only).
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9713";
+/// Default time `dvdcli mount` and the Mesos prepare hook wait for the lease.
+pub const DEFAULT_ACQUIRE_WAIT: Duration = Duration::from_secs(60);
+/// Mesos kills a `dvdcli mount` (and the default isolator prepare) after this long.
+pub const MESOS_KILL_AFTER: Duration = Duration::from_secs(120);
+/// Default task label naming the volumes a Mesos container needs.
+pub const DEFAULT_LABEL_KEY: &str = "nbd-failover.volume";
 const NODE_KEYS: &[&str] = &["id", "state_dir", "run_dir", "shared_kernel"];
 const ZK_KEYS: &[&str] = &[
     "hosts",
@@ -66,6 +86,7 @@ const VOLUME_OWN_KEYS: &[&str] = &[
     "dir",
     "task",
     "restart",
+    "activation",
 ];
 const NBD_KEYS: &[&str] = &[
     "server",
@@ -101,6 +122,9 @@ pub(crate) fn read(
     let zk = read_zookeeper(root, sink);
     let fencing = read_fencing_table(root, sink);
     let watchdog = read_watchdog(root, sink);
+    let control = read_control(root, sink, node.as_ref());
+    let metrics = read_metrics(root, sink);
+    let mesos = read_mesos(root, sink);
     let mut volumes = read_volumes(root, sink, &fencing);
 
     check_unique_storage(&volumes, sink);
@@ -121,6 +145,7 @@ pub(crate) fn read(
     }
 
     let (node, zookeeper, watchdog) = (node?, zk.cfg?, watchdog?);
+    let (control, metrics, mesos) = (control?, metrics?, mesos?);
     if !sink.is_empty() {
         return None;
     }
@@ -132,7 +157,123 @@ pub(crate) fn read(
         zookeeper,
         watchdog: watchdog.cfg,
         fencing: fencing.values,
+        control,
+        metrics,
+        mesos,
         volumes,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// [control], [metrics], [mesos]
+
+fn read_control(
+    root: &Table<'_>,
+    sink: &mut Sink<'_>,
+    node: Option<&NodeConfig>,
+) -> Option<ControlConfig> {
+    let default = node.map(|n| n.run_dir.join("control.sock"));
+    let Some(t) = root.table(sink, "control") else {
+        return if root.has("control") {
+            None
+        } else {
+            default.map(|socket| ControlConfig { socket })
+        };
+    };
+    t.deny_unknown(sink, CONTROL_KEYS);
+    match optional_path(sink, &t, "socket")? {
+        Some(socket) => Some(ControlConfig { socket }),
+        None => default.map(|socket| ControlConfig { socket }),
+    }
+}
+
+fn read_metrics(root: &Table<'_>, sink: &mut Sink<'_>) -> Option<MetricsConfig> {
+    let default = || MetricsConfig {
+        listen: Some(DEFAULT_METRICS_LISTEN.parse().expect("valid default")),
+        explicit: false,
+    };
+    let Some(t) = root.table(sink, "metrics") else {
+        return (!root.has("metrics")).then(default);
+    };
+    t.deny_unknown(sink, METRICS_KEYS);
+    let Some(s) = t.string(sink, "listen") else {
+        return (!t.has("listen")).then(default);
+    };
+    if s.value == "off" {
+        return Some(MetricsConfig {
+            listen: None,
+            explicit: true,
+        });
+    }
+    match s.value.parse::<std::net::SocketAddr>() {
+        Ok(addr) if addr.ip().is_loopback() => Some(MetricsConfig {
+            listen: Some(addr),
+            explicit: true,
+        }),
+        Ok(_) => {
+            sink.at(
+                s.at,
+                format!(
+                    "`metrics.listen` = \"{}\" is not a loopback address: the endpoint is unauthenticated, so it only listens on 127.0.0.1 or [::1] (scrape it through a local agent or a reverse proxy)",
+                    s.value
+                ),
+            );
+            None
+        }
+        Err(_) => {
+            sink.at(
+                s.at,
+                format!(
+                    "`metrics.listen` = \"{}\" is not IP:PORT (e.g. \"127.0.0.1:9713\") or \"off\"",
+                    s.value
+                ),
+            );
+            None
+        }
+    }
+}
+
+fn read_mesos(root: &Table<'_>, sink: &mut Sink<'_>) -> Option<MesosConfig> {
+    let default = || MesosConfig {
+        acquire_wait: DEFAULT_ACQUIRE_WAIT,
+        label_key: DEFAULT_LABEL_KEY.to_string(),
+    };
+    let Some(t) = root.table(sink, "mesos") else {
+        return (!root.has("mesos")).then(default);
+    };
+    t.deny_unknown(sink, MESOS_KEYS);
+    let mut ok = true;
+    let acquire_wait = positive(sink, &t, "acquire_wait", DEFAULT_ACQUIRE_WAIT);
+    if let Some(w) = acquire_wait {
+        if w >= MESOS_KILL_AFTER {
+            let at = t.key_at("acquire_wait");
+            sink.at(
+                at,
+                format!(
+                    "`mesos.acquire_wait` = {} must be below {}s: Mesos kills `dvdcli mount` after {}s, and the reason would be lost",
+                    humantime::format_duration(w),
+                    MESOS_KILL_AFTER.as_secs(),
+                    MESOS_KILL_AFTER.as_secs()
+                ),
+            );
+            ok = false;
+        }
+    }
+    let label_key = match t.string(sink, "label_key") {
+        Some(s) if s.value.trim().is_empty() => {
+            sink.at(s.at, "`mesos.label_key` is empty");
+            None
+        }
+        Some(s) => Some(s.value),
+        None if t.has("label_key") => None,
+        None => Some(DEFAULT_LABEL_KEY.to_string()),
+    };
+    if !ok {
+        return None;
+    }
+    Some(MesosConfig {
+        acquire_wait: acquire_wait?,
+        label_key: label_key?,
     })
 }
 
@@ -1072,10 +1213,24 @@ fn read_volume(
     // Even with errors elsewhere in the volume, the cross-table checks (mount paths,
     // storage, budget) run when the parts they use could be read; the config itself
     // is not built when anything failed.
-    let (Some(backend), Some(mount)) = (backend, mount) else {
+    let activation = match keyword(
+        sink,
+        t,
+        "activation",
+        &[
+            ("always", Activation::Always),
+            ("on-demand", Activation::OnDemand),
+        ],
+    ) {
+        Some(a) => Some(a.value),
+        None if t.has("activation") => None,
+        None => Some(Activation::Always),
+    };
+
+    let (Some(backend), Some(mount), Some(activation)) = (backend, mount, activation) else {
         return None;
     };
-    Some(volume_read(
+    let mut read = volume_read(
         name,
         t,
         backend,
@@ -1087,7 +1242,10 @@ fn read_volume(
         fencing,
         task,
         restart,
-    ))
+    );
+    read.cfg.activation = activation;
+    read.cfg.policy.start_out = activation == Activation::OnDemand;
+    Some(read)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1125,6 +1283,7 @@ fn volume_read(
         fsck,
         has_device: !matches!(backend, Backend::Dir { .. }),
         has_task: task.is_some() || t.has("task"),
+        start_out: false,
     };
     let cfg = VolumeConfig {
         name: name.to_string(),
@@ -1137,6 +1296,7 @@ fn volume_read(
         fencing_overrides: fencing.set_at.keys().map(|k| k.to_string()).collect(),
         task,
         restart,
+        activation: Activation::Always,
         policy,
     };
     VolumeRead {

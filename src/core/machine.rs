@@ -529,11 +529,15 @@ impl VolumeMachine {
             Event::Shutdown => self.on_shutdown(now, fx),
             Event::Release { rejoin } => self.on_release(rejoin, fx),
             Event::ForceDetach => self.on_force_detach(now, fx),
-            Event::Resume => match self.mode {
+            Event::Resume => match &mut self.mode {
                 Mode::Out { .. } => {
                     self.mode = Mode::Serving;
                     self.failures = 0;
                     "resumed by operator".to_string()
+                }
+                Mode::Fencing(f) if f.then == After::Hold => {
+                    f.then = After::Contend;
+                    "resume requested during the fence: will contend after it".to_string()
                 }
                 Mode::Init | Mode::Serving | Mode::Fencing(_) | Mode::Stopped => {
                     "resume ignored: the volume is not held out".to_string()
@@ -550,6 +554,11 @@ impl VolumeMachine {
             }
         }
         if leftovers.is_empty() {
+            if self.policy.start_out {
+                self.mode = Mode::Out { until: None };
+                return "started with nothing left over; on demand: staying out until resumed"
+                    .to_string();
+            }
             self.mode = Mode::Serving;
             return "started with nothing left over".to_string();
         }
@@ -574,7 +583,12 @@ impl VolumeMachine {
         // now; a new holder waits lock_delay (we did not release cleanly).
         let t = &self.policy.timings;
         self.leaseless_deadline = Some(now + t.lock_delay.saturating_sub(t.margin));
-        self.begin_fence(Cause::Leftovers, false, After::Contend);
+        let then = if self.policy.start_out {
+            After::Hold
+        } else {
+            After::Contend
+        };
+        self.begin_fence(Cause::Leftovers, false, then);
         format!(
             "found leftovers ({}): fencing them before contending",
             found.join(", ")

@@ -211,6 +211,9 @@ pub struct VolumePolicy {
     pub has_device: bool,
     /// Whether the node runs a task (false when the mount is handed to a scheduler).
     pub has_task: bool,
+    /// Start held out (not contending) until a `Resume`: on-demand volumes, which
+    /// contend only while something (dvdcli, a Mesos container) references them.
+    pub start_out: bool,
 }
 
 impl Default for VolumePolicy {
@@ -221,6 +224,7 @@ impl Default for VolumePolicy {
             fsck: FsckPolicy::Auto,
             has_device: true,
             has_task: true,
+            start_out: false,
         }
     }
 }

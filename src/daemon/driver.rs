@@ -81,6 +81,8 @@ pub enum Input {
         /// `Event::Release`, `Event::ForceDetach` or `Event::Resume`.
         event: Event,
     },
+    /// Answered once every input sent before it has been processed.
+    Sync(tokio::sync::oneshot::Sender<()>),
 }
 
 /// Reports one effect's completion back to the driver. Dropping it without
@@ -170,6 +172,27 @@ pub struct VolumeStatus {
 /// A shared, always-current view of every volume.
 pub type StatusBoard = Arc<Mutex<Vec<VolumeStatus>>>;
 
+/// The ZooKeeper session as the driver last heard of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionView {
+    /// `connecting`, `connected`, `disconnected` or `expired`.
+    pub state: &'static str,
+    /// Send time of the last answered request.
+    pub last_contact: Option<std::time::Instant>,
+}
+
+/// Told of every phase change (metrics).
+pub trait PhaseObserver: Send + Sync {
+    /// `volume` left `from` for `to` after `spent` in `from`.
+    fn phase_changed(&self, volume: &str, from: Phase, to: Phase, spent: Duration);
+    /// The ZooKeeper session changed state.
+    fn session_state(&self, _state: &'static str) {}
+    /// An event is about to be fed to `volume`'s machine.
+    fn event(&self, _volume: &str, _event: &Event) {}
+    /// `volume`'s machine decided (`reason`) and asked for `effects`.
+    fn decision(&self, _volume: &str, _reason: &str, _effects: &[Effect]) {}
+}
+
 /// One volume's configuration as the driver needs it.
 #[derive(Clone, Debug)]
 pub struct VolumeSetup {
@@ -185,6 +208,8 @@ struct Slot {
     name: Arc<str>,
     machine: VolumeMachine,
     timer: Option<Instant>,
+    phase: Phase,
+    phase_since: TokioInstant,
 }
 
 /// The driver. Build it with [`Driver::new`], feed it through [`Driver::sender`], run it with [`Driver::run`].
@@ -198,6 +223,9 @@ pub struct Driver {
     tx: mpsc::UnboundedSender<Input>,
     rx: mpsc::UnboundedReceiver<Input>,
     board: StatusBoard,
+    changed: tokio::sync::watch::Sender<u64>,
+    session: Arc<Mutex<SessionView>>,
+    observer: Option<Arc<dyn PhaseObserver>>,
     decisions: u64,
 }
 
@@ -244,6 +272,8 @@ impl Driver {
                     name: Arc::from(v.name.as_str()),
                     machine,
                     timer: None,
+                    phase: Phase::Init,
+                    phase_since: TokioInstant::now(),
                 },
             );
         }
@@ -258,9 +288,50 @@ impl Driver {
             tx,
             rx,
             board,
+            changed: tokio::sync::watch::channel(0).0,
+            session: Arc::new(Mutex::new(SessionView {
+                state: "connecting",
+                last_contact: None,
+            })),
+            observer: None,
             decisions: 0,
         };
         (d, leftovers)
+    }
+
+    /// Tells `observer` of every phase change and session state.
+    pub fn observe(&mut self, observer: Arc<dyn PhaseObserver>) {
+        self.observer = Some(observer);
+    }
+
+    /// Changes whenever the status board does (its value counts the changes).
+    pub fn board_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// The session as last heard of.
+    pub fn session(&self) -> Arc<Mutex<SessionView>> {
+        self.session.clone()
+    }
+
+    /// The instant the board's `since` and `fence_deadline` count from.
+    pub fn origin(&self) -> std::time::Instant {
+        self.origin.into_std()
+    }
+
+    fn set_session(&self, state: &'static str, last_contact: Option<std::time::Instant>) {
+        let mut s = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = s.state != state;
+        s.state = state;
+        if last_contact.is_some() {
+            s.last_contact = last_contact;
+        }
+        drop(s);
+        if changed {
+            if let Some(o) = &self.observer {
+                o.session_state(state);
+            }
+        }
     }
 
     /// Where to send lease notices, completions and operator requests.
@@ -336,6 +407,9 @@ impl Driver {
         match input {
             Input::Done { volume, event } => self.feed(&volume, event),
             Input::Operator { volume, event } => self.feed(&volume, event),
+            Input::Sync(done) => {
+                let _ = done.send(());
+            }
             Input::Lease(n) => match n {
                 LeaseNotice::Won {
                     volume,
@@ -343,6 +417,7 @@ impl Driver {
                     predecessor_clean,
                     last_contact,
                 } => {
+                    self.set_session("connected", Some(last_contact));
                     let last_contact = self.map(last_contact);
                     self.feed(
                         &volume,
@@ -354,18 +429,24 @@ impl Driver {
                     );
                 }
                 LeaseNotice::Heartbeat { last_contact } => {
+                    self.set_session("connected", Some(last_contact));
                     let last_contact = self.map(last_contact);
                     self.all(|| Event::LeaseHeartbeat { last_contact });
                 }
                 LeaseNotice::Disconnected { last_contact } => {
+                    self.set_session("disconnected", Some(last_contact));
                     let last_contact = self.map(last_contact);
                     self.all(|| Event::LeaseDisconnected { last_contact });
                 }
                 LeaseNotice::Reconnected { last_contact } => {
+                    self.set_session("connected", Some(last_contact));
                     let last_contact = self.map(last_contact);
                     self.all(|| Event::LeaseReconnected { last_contact });
                 }
-                LeaseNotice::Expired => self.all(|| Event::LeaseLost),
+                LeaseNotice::Expired => {
+                    self.set_session("expired", None);
+                    self.all(|| Event::LeaseLost)
+                }
                 LeaseNotice::Lost { volume } => self.feed(&volume, Event::LeaseLost),
             },
         }
@@ -401,11 +482,17 @@ impl Driver {
             tracing::warn!(volume, ?event, "event for an unknown volume ignored");
             return;
         };
+        if let Some(o) = &self.observer {
+            o.event(volume, &event);
+        }
         let quiet = matches!(event, Event::LeaseHeartbeat { .. } | Event::Timer);
         let Decision { effects, reason } = slot.machine.handle(now, event);
         slot.timer = slot.machine.poll_timeout();
         self.decisions += 1;
         let name = slot.name.clone();
+        if let Some(o) = &self.observer {
+            o.decision(volume, &reason, &effects);
+        }
         if !(quiet && effects.is_empty() && reason.starts_with("nothing to do")) {
             let phase = slot.machine.phase().name();
             let generation = slot.machine.held_generation().map(|g| g.0);
@@ -440,9 +527,19 @@ impl Driver {
     }
 
     fn publish(&mut self, volume: &str, reason: String) {
-        let Some(slot) = self.volumes.get(volume) else {
+        let Some(slot) = self.volumes.get_mut(volume) else {
             return;
         };
+        let phase = slot.machine.phase();
+        if phase != slot.phase {
+            let t = TokioInstant::now();
+            let spent = t.saturating_duration_since(slot.phase_since);
+            if let Some(o) = &self.observer {
+                o.phase_changed(volume, slot.phase, phase, spent);
+            }
+            slot.phase = phase;
+            slot.phase_since = t;
+        }
         let m = &slot.machine;
         let status = VolumeStatus {
             name: volume.to_string(),
@@ -468,6 +565,8 @@ impl Driver {
             }
             None => board.push(status),
         }
+        drop(board);
+        self.changed.send_modify(|n| *n += 1);
     }
 
     fn maybe_pet(&mut self) {

@@ -2,11 +2,13 @@
 
 pub mod devwatchdog;
 pub mod driver;
+pub mod offline;
 pub mod run;
 pub mod runner;
 pub mod systemd;
+pub mod wrapper;
 
 pub use driver::{
-    Completion, Driver, EffectRunner, Input, LeaseNotice, LeasePort, NoWatchdog, StatusBoard,
-    VolumeSetup, VolumeStatus, Watchdog,
+    Completion, Driver, EffectRunner, Input, LeaseNotice, LeasePort, NoWatchdog, PhaseObserver,
+    SessionView, StatusBoard, VolumeSetup, VolumeStatus, Watchdog,
 };

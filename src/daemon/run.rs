@@ -19,13 +19,15 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use crate::config::{Config, WatchdogConfig};
+use crate::config::{Activation, Config, WatchdogConfig};
+use crate::control::{self, ControlContext, References};
 use crate::core::Generation;
 use crate::exec::{
     self, FsckRunner, HostRecovery, KernelLoop, LeftoverScan, LoopScanner, RecoverySpec,
     SysMounter, TaskRunner, TaskSpec,
 };
 use crate::lease::{self, LeaseConfig, LeaseService};
+use crate::metrics::Metrics;
 use crate::nbd::KernelNbd;
 
 use super::devwatchdog::DeviceWatchdog;
@@ -121,10 +123,17 @@ fn forward(n: lease::LeaseNotice) -> Option<LeaseNotice> {
     })
 }
 
-/// Runs the daemon until SIGTERM/SIGINT; returns after every volume is fenced and released.
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&cfg.node.run_dir)
-        .with_context(|| format!("creating run_dir {}", cfg.node.run_dir.display()))?;
+/// What the run is for.
+pub enum Mode {
+    /// The node daemon: every configured volume, control socket, metrics.
+    Daemon,
+    /// The `exec` wrapper: one volume whose task is the wrapped command; no
+    /// control socket, no metrics; ends when the command ends or the lease is lost.
+    Exec(super::wrapper::Wrap),
+}
+
+/// The real executors and the start-up recovery scanner.
+pub(crate) fn executors() -> (Executors, HostRecovery) {
     let nbd = Arc::new(KernelNbd::new());
     let loops = Arc::new(KernelLoop::new());
     let ex = Executors {
@@ -133,43 +142,71 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         fsck: Arc::new(FsckRunner::new()),
     };
     let recovery = HostRecovery::new()
-        .with_scanner(Box::new(LoopScanner::new(loops.clone())))
-        .with_scanner(Box::new(exec::recovery::NbdScanner::new(nbd.clone())));
+        .with_scanner(Box::new(LoopScanner::new(loops)))
+        .with_scanner(Box::new(exec::recovery::NbdScanner::new(nbd)));
+    (ex, recovery)
+}
+
+/// One volume's task runner and runtime, and what earlier runs left of it.
+pub(crate) fn prepare_volume(
+    v: &crate::config::VolumeConfig,
+    cfg: &Config,
+    recovery: &HostRecovery,
+    sink: exec::OutputSink,
+) -> anyhow::Result<(VolumeRuntime, exec::RecoveryReport)> {
+    let task: Option<Arc<dyn TaskRunner>> = match TaskSpec::for_volume(v, &cfg.node) {
+        None => None,
+        Some(spec) => Some(match &spec.run {
+            crate::config::TaskRun::Exec(_) => Arc::new(exec::ExecTask::new(spec, sink)),
+            crate::config::TaskRun::SystemdUnit(_) => Arc::new(
+                exec::SystemdTask::new(spec)
+                    .with_context(|| format!("volume {}: systemd task", v.name))?,
+            ),
+        }),
+    };
+    let mut spec = RecoverySpec::for_volume(v);
+    spec.volume = super::runner::label_name(v, &cfg.node);
+    let report = recovery
+        .scan(&spec, task.as_deref())
+        .with_context(|| format!("volume {}: start-up recovery scan", v.name))?;
+    for w in &report.warnings {
+        tracing::warn!(volume = %v.name, "{w}");
+    }
+    if !report.leftovers().is_empty() {
+        tracing::warn!(volume = %v.name, leftovers = ?report.leftovers(), "found leftovers of an earlier run: they will be fenced before contending");
+    }
+    let runtime = VolumeRuntime::new(
+        v.clone(),
+        cfg.node.clone(),
+        task,
+        Arc::new(SysMounter::new()),
+    );
+    Ok((runtime, report))
+}
+
+/// Runs the daemon until SIGTERM/SIGINT; returns after every volume is fenced and released.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    run_mode(cfg, Mode::Daemon).await.map(|_| ())
+}
+
+/// Runs in `mode`; returns the wrapped command's exit code in exec mode (0 for the daemon).
+pub async fn run_mode(cfg: Config, mode: Mode) -> anyhow::Result<i32> {
+    let cfg = Arc::new(cfg);
+    std::fs::create_dir_all(&cfg.node.run_dir)
+        .with_context(|| format!("creating run_dir {}", cfg.node.run_dir.display()))?;
+    let (ex, recovery) = executors();
 
     // 1. What earlier runs left.
     let mut runtimes = Vec::new();
     let mut reports = Vec::new();
     for v in &cfg.volumes {
-        let task: Option<Arc<dyn TaskRunner>> = match TaskSpec::for_volume(v, &cfg.node) {
-            None => None,
-            Some(spec) => Some(match &spec.run {
-                crate::config::TaskRun::Exec(_) => {
-                    Arc::new(exec::ExecTask::new(spec, exec::task::tracing_sink()))
-                }
-                crate::config::TaskRun::SystemdUnit(_) => Arc::new(
-                    exec::SystemdTask::new(spec)
-                        .with_context(|| format!("volume {}: systemd task", v.name))?,
-                ),
-            }),
+        let sink = match &mode {
+            Mode::Daemon => exec::task::tracing_sink(),
+            Mode::Exec(_) => super::wrapper::passthrough_sink(),
         };
-        let mut spec = RecoverySpec::for_volume(v);
-        spec.volume = super::runner::label_name(v, &cfg.node);
-        let report = recovery
-            .scan(&spec, task.as_deref())
-            .with_context(|| format!("volume {}: start-up recovery scan", v.name))?;
-        for w in &report.warnings {
-            tracing::warn!(volume = %v.name, "{w}");
-        }
-        if !report.leftovers().is_empty() {
-            tracing::warn!(volume = %v.name, leftovers = ?report.leftovers(), "found leftovers of an earlier run: they will be fenced before contending");
-        }
+        let (runtime, report) = prepare_volume(v, &cfg, &recovery, sink)?;
+        runtimes.push(runtime);
         reports.push(report);
-        runtimes.push(VolumeRuntime::new(
-            v.clone(),
-            cfg.node.clone(),
-            task,
-            Arc::new(SysMounter::new()),
-        ));
     }
 
     // 2. The lease.
@@ -178,6 +215,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .await
         .context("starting the ZooKeeper lease")?;
     let service = Arc::new(service);
+
+    if matches!(mode, Mode::Daemon) {
+        write_daemon_pid(&cfg.node.run_dir)?;
+    }
 
     // 3. The budget against the negotiated session timeout.
     let negotiated = service.session_timeout();
@@ -197,6 +238,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 budget.verdict()
             );
         }
+        if held_out(&cfg.node.state_dir, &v.name) {
+            tracing::warn!(volume = %v.name, "force-detached earlier (held-out marker in state_dir): staying out until `nbd-failover resume`");
+            policy.start_out = true;
+        }
         setups.push(VolumeSetup {
             name: v.name.clone(),
             policy,
@@ -208,7 +253,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let notifier = Notifier::from_env().context("NOTIFY_SOCKET")?;
     let mut device_watchdog = None;
     let watchdog: Box<dyn Watchdog> = match &cfg.watchdog {
-        WatchdogConfig::Off => Box::new(NoWatchdog),
+        WatchdogConfig::Off => {
+            if let Some(wd) = systemd::watchdog_from_env() {
+                bail!("systemd set WatchdogSec ({}ms) but watchdog.mode = \"off\": the daemon would never pet it and systemd would kill it every {}ms; set watchdog.mode = \"systemd\" with timeout = \"{}s\", or remove WatchdogSec from the unit", wd.as_millis(), wd.as_millis(), wd.as_secs());
+            }
+            Box::new(NoWatchdog)
+        }
         WatchdogConfig::Systemd { timeout } => {
             let Some(env_wd) = systemd::watchdog_from_env() else {
                 bail!("watchdog.mode = \"systemd\" but systemd set no WatchdogSec (WATCHDOG_USEC): set WatchdogSec={}s in the unit", timeout.as_secs());
@@ -247,7 +297,93 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         watchdog,
         seed(),
     );
+    let mut driver = driver;
     let tx = driver.sender();
+    let daemon_mode = matches!(mode, Mode::Daemon);
+
+    // The control socket, after the lease service proved no other daemon runs as this node.
+    let mut background = Vec::new();
+    if daemon_mode {
+        let refs = References::load(cfg.node.state_dir.join("references.json"))?;
+        for v in refs.referenced() {
+            if held_out(&cfg.node.state_dir, &v) {
+                tracing::warn!(volume = %v, references = ?refs.of(&v), "referenced, but force-detached earlier: staying out until `nbd-failover resume`");
+            } else if cfg
+                .volume(&v)
+                .is_some_and(|c| c.activation == Activation::OnDemand)
+            {
+                tracing::info!(volume = %v, references = ?refs.of(&v), "referenced before the restart: acquiring it again");
+                let _ = tx.send(Input::Operator {
+                    volume: v.clone(),
+                    event: crate::core::Event::Resume,
+                });
+            } else {
+                tracing::warn!(volume = %v, "references.json names a volume that is not on demand here (any more): ignored");
+            }
+        }
+        let listener = control::bind(&cfg.control.socket)?;
+        let ctx = Arc::new(ControlContext {
+            cfg: cfg.clone(),
+            tx: tx.clone(),
+            board: driver.board(),
+            changes: driver.board_changes(),
+            session: driver.session(),
+            session_timeout: negotiated,
+            origin: driver.origin(),
+            refs: Arc::new(std::sync::Mutex::new(refs)),
+            lease: Some(service.clone()),
+        });
+        let path = cfg.control.socket.clone();
+        background.push(tokio::spawn(control::serve(listener, path, ctx)));
+        tracing::info!(socket = %cfg.control.socket.display(), "control socket ready");
+
+        let metrics = Arc::new(Metrics::new(&cfg.node.id));
+        let origin = driver.origin();
+        metrics.set_driver_clock(Arc::new(move || origin.elapsed()));
+        driver.observe(Arc::new(MetricsObserver(metrics.clone())));
+        if let Some(addr) = cfg.metrics.listen {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => {
+                    let session = driver.session();
+                    let last_contact: Arc<dyn Fn() -> Option<f64> + Send + Sync> = Arc::new({
+                        let session = session.clone();
+                        move || {
+                            session
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .last_contact
+                                .map(|t| t.elapsed().as_secs_f64())
+                        }
+                    });
+                    let board = driver.board();
+                    let health_board = board.clone();
+                    let health: Arc<dyn Fn() -> Result<(), String> + Send + Sync> =
+                        Arc::new(move || health_of(&session, &health_board, origin));
+                    tracing::info!(%addr, "metrics endpoint ready (/metrics, /healthz)");
+                    background.push(tokio::spawn(crate::metrics::serve(
+                        l,
+                        metrics,
+                        board,
+                        last_contact,
+                        health,
+                    )));
+                }
+                Err(e) if cfg.metrics.explicit => {
+                    bail!("metrics.listen = \"{addr}\": cannot listen there: {e} (set another address, or listen = \"off\")")
+                }
+                Err(e) => {
+                    tracing::error!(%addr, error = %e, "cannot listen on the default metrics address: no metrics endpoint (set metrics.listen in the config)");
+                }
+            }
+        }
+    }
+    let mut exec_watch = None;
+    if let Mode::Exec(wrap) = &mode {
+        let (observer, done) = wrap.observer();
+        driver.observe(observer);
+        exec_watch = Some(done);
+    }
+
     tokio::spawn(async move {
         while let Some(n) = notices.recv().await {
             if let Some(n) = forward(n) {
@@ -284,8 +420,21 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             let _ = n.status(&line.join(", "));
         }
     });
-    let decisions = driver.run(leftovers, shutdown_signal()).await;
+    let decisions = match exec_watch {
+        None => driver.run(leftovers, shutdown_signal()).await,
+        Some(done) => {
+            let wrap = match &mode {
+                Mode::Exec(w) => w,
+                Mode::Daemon => unreachable!("exec_watch is set in exec mode only"),
+            };
+            let ended = wrap.until_done(done, shutdown_signal());
+            driver.run(leftovers, ended).await
+        }
+    };
     status_task.abort();
+    for b in background {
+        b.abort();
+    }
     if let Some(n) = &notifier {
         let _ = n.stopping("fenced and released every volume");
     }
@@ -298,8 +447,105 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             let _ = wd.disarm();
         }
     }
+    if matches!(mode, Mode::Daemon) {
+        let _ = std::fs::remove_file(daemon_pid_path(&cfg.node.run_dir));
+    }
     tracing::info!(decisions, "daemon stopped cleanly");
+    Ok(match &mode {
+        Mode::Daemon => 0,
+        Mode::Exec(w) => {
+            tracing::info!("exec: {}", w.outcome());
+            w.exit_code()
+        }
+    })
+}
+
+/// `<run_dir>/daemon.pid`: "PID START_TIME" of the running daemon (forced detach finds a wedged one by it).
+pub fn daemon_pid_path(run_dir: &std::path::Path) -> std::path::PathBuf {
+    run_dir.join("daemon.pid")
+}
+
+fn write_daemon_pid(run_dir: &std::path::Path) -> anyhow::Result<()> {
+    let pid = std::process::id() as i32;
+    let start = exec::procfs::read_stat(pid)
+        .map(|s| s.start_time)
+        .unwrap_or(0);
+    let path = daemon_pid_path(run_dir);
+    std::fs::write(&path, format!("{pid} {start}\n"))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// The daemon's pid if one runs per `<run_dir>/daemon.pid` (same start time).
+pub fn running_daemon(run_dir: &std::path::Path) -> Option<i32> {
+    let text = std::fs::read_to_string(daemon_pid_path(run_dir)).ok()?;
+    let mut it = text.split_whitespace();
+    let pid: i32 = it.next()?.parse().ok()?;
+    let start: u64 = it.next()?.parse().ok()?;
+    exec::procfs::process_alive(pid, Some(start)).then_some(pid)
+}
+
+/// `<state_dir>/held-out/<volume>`: written by a forced detach; a (re)started
+/// daemon keeps the volume out until `resume` removes it.
+pub fn held_out_path(state_dir: &std::path::Path, volume: &str) -> std::path::PathBuf {
+    state_dir.join("held-out").join(volume)
+}
+
+/// Whether `volume` carries the held-out marker.
+pub fn held_out(state_dir: &std::path::Path, volume: &str) -> bool {
+    held_out_path(state_dir, volume).exists()
+}
+
+/// Sets or clears the held-out marker (durably).
+pub fn set_held_out(state_dir: &std::path::Path, volume: &str, on: bool) -> std::io::Result<()> {
+    let p = held_out_path(state_dir, volume);
+    if on {
+        let dir = p.parent().expect("held-out dir");
+        std::fs::create_dir_all(dir)?;
+        let f = std::fs::File::create(&p)?;
+        f.sync_all()?;
+        std::fs::File::open(dir)?.sync_all()
+    } else {
+        match std::fs::remove_file(&p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `/healthz`: healthy while the ZooKeeper session is connected and no volume is past its fence deadline.
+fn health_of(
+    session: &std::sync::Mutex<super::SessionView>,
+    board: &super::StatusBoard,
+    origin: std::time::Instant,
+) -> Result<(), String> {
+    let s = *session.lock().unwrap_or_else(|p| p.into_inner());
+    if s.state != "connected" {
+        return Err(format!("ZooKeeper session {}", s.state));
+    }
+    let now = origin.elapsed();
+    for v in board.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        if v.fence_deadline.is_some_and(|d| d < now) {
+            return Err(format!("volume {} is past its fence deadline", v.name));
+        }
+    }
     Ok(())
+}
+
+struct MetricsObserver(Arc<Metrics>);
+
+impl super::PhaseObserver for MetricsObserver {
+    fn phase_changed(
+        &self,
+        volume: &str,
+        from: crate::core::Phase,
+        to: crate::core::Phase,
+        spent: Duration,
+    ) {
+        self.0.phase_changed(volume, from, to, spent);
+    }
+    fn session_state(&self, state: &'static str) {
+        self.0.session_state(state);
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

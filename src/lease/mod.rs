@@ -499,6 +499,29 @@ impl LeaseAdmin {
         }
     }
 
+    /// Deletes every lock node of `volume` whose owner record names `node_id`
+    /// (forced detach with the daemon dead: the next contender need not wait
+    /// for the dead session to expire). Returns the entries deleted.
+    pub async fn remove_node_entries(
+        &self,
+        volume: &str,
+        node_id: &str,
+    ) -> Result<Vec<QueueEntry>, LeaseError> {
+        let status = store::read_status(&self.client, volume).await?;
+        let mut deleted = Vec::new();
+        for e in status.queue {
+            if !e.owner.as_ref().is_ok_and(|o| o.node_id == node_id) {
+                continue;
+            }
+            let path = store::VolumePaths::new(volume).lock_node(&e.name);
+            match self.client.delete(&path, None).await {
+                Ok(()) | Err(zk::Error::NoNode) => deleted.push(e),
+                Err(err) => return Err(LeaseError::zk("delete", &path, err)),
+            }
+        }
+        Ok(deleted)
+    }
+
     /// The underlying chrooted client (for tools and tests).
     pub fn client(&self) -> &zk::Client {
         &self.client

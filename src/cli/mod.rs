@@ -1,12 +1,30 @@
-//! Command-line interface: subcommands of the `nbd-failover` binary.
+//! Command-line interface: subcommands of the `nbd-failover` binary, and dispatch on the name it was called by (`dvdcli`, Mesos hooks).
+
+mod dvdcli;
+mod exec;
+mod ops;
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
+
+/// Where the daemon's config (and so its control socket) is.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct Target {
+    /// The daemon's config file (its control socket and volumes are read from it).
+    #[arg(long, short, env = "NBD_FAILOVER_CONFIG", default_value = DEFAULT_CONFIG)]
+    pub(crate) config: PathBuf,
+    /// Talk to the daemon on this socket instead of the config's control.socket.
+    #[arg(long)]
+    pub(crate) socket: Option<PathBuf>,
+}
+
+/// The default config file.
+pub(crate) const DEFAULT_CONFIG: &str = "/etc/nbd-failover/nbd-failover.toml";
 
 /// Lease-gated failover of network block devices for stateful services.
 #[derive(Parser, Debug)]
-#[command(name = "nbd-failover", version, about, long_about = None)]
+#[command(name = "nbd-failover", version, about, long_about = None, after_help = EXIT_CODES)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -50,6 +68,107 @@ enum Command {
         /// The config file (TOML).
         #[arg(long, short, default_value = "/etc/nbd-failover/nbd-failover.toml")]
         config: PathBuf,
+    },
+    /// Show this node's volumes (state, generation, since, ZooKeeper contact, fence deadline); --cluster reads every holder from ZooKeeper.
+    #[command(long_about = ops::STATUS_HELP)]
+    Status {
+        #[command(flatten)]
+        target: Target,
+        /// Every volume's holder and contenders, read from ZooKeeper (works without the daemon).
+        #[arg(long)]
+        cluster: bool,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Graceful hand-over: fence here, release cleanly (the next holder skips the lock-delay), contend again.
+    #[command(long_about = ops::RELEASE_HELP)]
+    Release {
+        /// The volume.
+        volume: String,
+        #[command(flatten)]
+        target: Target,
+        /// How long to wait for the fence to finish.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        wait: std::time::Duration,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fence and release cleanly, then stay out until `resume` (one volume, or --all for node maintenance).
+    #[command(long_about = ops::DRAIN_HELP)]
+    Drain {
+        /// The volume (or --all).
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        volume: Option<String>,
+        /// Every volume of this node.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        target: Target,
+        /// How long to wait for the fences to finish.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        wait: std::time::Duration,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Let a drained or force-detached volume contend again (one, or --all).
+    Resume {
+        /// The volume (or --all).
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        volume: Option<String>,
+        /// Every volume of this node.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        target: Target,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Kill the task, unmount and detach NOW, with or without a live daemon; stays out until `resume`.
+    #[command(long_about = ops::FORCE_DETACH_HELP)]
+    ForceDetach {
+        /// The volume.
+        volume: String,
+        /// Allow killing a task that still runs (SIGKILL to its process group).
+        #[arg(long)]
+        yes: bool,
+        #[command(flatten)]
+        target: Target,
+        /// How long to wait for a live daemon's answer before acting without it.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        daemon_timeout: std::time::Duration,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Admin: delete a volume's current lock node in ZooKeeper (a dead holder's). Read the risk first.
+    #[command(long_about = ops::BREAK_LOCK_HELP)]
+    BreakLock {
+        /// The volume.
+        volume: String,
+        /// Confirm you have read the risk (required).
+        #[arg(long)]
+        yes: bool,
+        #[command(flatten)]
+        target: Target,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a command on a volume: acquire, attach, check, mount, run it; pass its exit status through.
+    #[command(long_about = exec::EXEC_HELP)]
+    Exec(exec::ExecArgs),
+    /// The Mesos docker/volume isolator's dvdcli contract (also reachable as a symlink named `dvdcli`).
+    #[command(long_about = dvdcli::DVDCLI_HELP)]
+    Dvdcli(dvdcli::DvdcliArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(long_about = COMPLETIONS_HELP)]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
     },
     /// Test tooling: the record writer task and the history checker.
     #[command(hide = true, subcommand)]
@@ -146,10 +265,97 @@ cannot be read).
 
 See examples/nbd-failover.toml for every key, its default and its meaning.";
 
+const EXIT_CODES: &str = "\
+Exit status (all subcommands):
+  0  done
+  1  error: bad config, I/O, ZooKeeper unreachable, a step failed
+  2  usage error, or the request does not apply (e.g. acquire of an `always` volume)
+  3  unknown volume
+  4  timed out (lease held elsewhere, fence still running)
+  5  the volume came up and failed (fsck refusal, mount failure)
+  6  the daemon is not running, not reachable or shutting down
+  7  refused: needs --yes
+  exec passes the command's status through; 75 = lease lost, 69 = not acquired in time";
+
+const COMPLETIONS_HELP: &str = "\
+Print a shell completion script on stdout.
+
+  nbd-failover completions bash > /etc/bash_completion.d/nbd-failover
+  nbd-failover completions zsh  > /usr/share/zsh/vendor-completions/_nbd-failover
+  nbd-failover completions fish > /usr/share/fish/vendor_completions.d/nbd-failover.fish
+
+The Debian package installs the bash, zsh and fish scripts.";
+
+/// Exit codes shared by the subcommands (see `EXIT_CODES`).
+pub(crate) mod code {
+    pub const OK: i32 = 0;
+    pub const ERROR: i32 = 1;
+    pub const USAGE: i32 = 2;
+    pub const NEEDS_YES: i32 = 7;
+    pub const UNAVAILABLE: i32 = 6;
+}
+
 /// Parses arguments, runs the subcommand, returns the process exit code.
+/// Called as `dvdcli` (a symlink), it speaks the dvdcli contract.
 pub fn main() -> i32 {
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    let name = std::path::Path::new(&argv0)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if name == "dvdcli" {
+        return dvdcli::main_as_dvdcli();
+    }
     let cli = Cli::parse();
     match cli.command {
+        Command::Status {
+            target,
+            cluster,
+            json,
+        } => ops::status(&target, cluster, json),
+        Command::Release {
+            volume,
+            target,
+            wait,
+            json,
+        } => ops::release(&target, &volume, wait, json),
+        Command::Drain {
+            volume,
+            all: _,
+            target,
+            wait,
+            json,
+        } => ops::drain(&target, volume, wait, json),
+        Command::Resume {
+            volume,
+            all: _,
+            target,
+            json,
+        } => ops::resume(&target, volume, json),
+        Command::ForceDetach {
+            volume,
+            yes,
+            target,
+            daemon_timeout,
+            json,
+        } => ops::force_detach(&target, &volume, yes, daemon_timeout, json),
+        Command::BreakLock {
+            volume,
+            yes,
+            target,
+            json,
+        } => ops::break_lock(&target, &volume, yes, json),
+        Command::Exec(args) => exec::run(args),
+        Command::Dvdcli(args) => dvdcli::run(args),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "nbd-failover",
+                &mut std::io::stdout(),
+            );
+            0
+        }
         Command::Version => {
             println!("nbd-failover {}", env!("CARGO_PKG_VERSION"));
             0
@@ -285,19 +491,39 @@ fn testkit(t: Testkit) -> i32 {
     }
 }
 
+/// Loads the config or prints its errors (`what` names the subcommand).
+pub(crate) fn load_config(
+    path: &std::path::Path,
+    what: &str,
+) -> Result<crate::config::Config, i32> {
+    crate::config::load(path).map_err(|errors| {
+        eprintln!("{errors}");
+        eprintln!(
+            "{what}: {} error(s) in {}; nothing done",
+            errors.len(),
+            path.display()
+        );
+        code::ERROR
+    })
+}
+
+/// A tokio runtime for one command.
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, i32> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("cannot start the runtime: {e}");
+            code::ERROR
+        })
+}
+
 fn daemon(path: &std::path::Path) -> i32 {
-    init_logging();
-    let cfg = match crate::config::load(path) {
+    crate::logging::init("info");
+    let cfg = match load_config(path, "daemon") {
         Ok(c) => c,
-        Err(errors) => {
-            eprintln!("{errors}");
-            eprintln!(
-                "daemon: {} error(s) in {}; nothing started",
-                errors.len(),
-                path.display()
-            );
-            return 1;
-        }
+        Err(code) => return code,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -317,15 +543,4 @@ fn daemon(path: &std::path::Path) -> i32 {
             1
         }
     }
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .try_init();
 }
