@@ -591,7 +591,11 @@ fn on_demand_leftovers_are_fenced_and_a_resume_during_that_fence_contends_after_
     assert!(d.ev(Event::Resume).is_empty());
     assert_eq!(d.ev(Event::Unmounted(Ok(()))), vec![Effect::Detach]);
     let fx = d.ev(Event::Detached(Ok(())));
-    assert_eq!(fx, vec![Effect::Contend], "contends after the leftover fence");
+    assert_eq!(
+        fx,
+        vec![Effect::Contend],
+        "contends after the leftover fence"
+    );
     // Without the resume it would have stayed out.
     let mut d = Drive::with(VolumePolicy {
         start_out: true,

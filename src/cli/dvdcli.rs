@@ -139,6 +139,7 @@ pub(crate) fn run(a: DvdcliArgs) -> i32 {
                 holder: "dvdcli".to_string(),
                 counted: true,
                 wait_ms: wait.as_millis() as u64,
+                alias: None,
             },
             wait + Duration::from_secs(5),
         )

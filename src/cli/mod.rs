@@ -2,6 +2,7 @@
 
 mod dvdcli;
 mod exec;
+mod mesos;
 mod ops;
 
 use std::path::PathBuf;
@@ -164,6 +165,9 @@ enum Command {
     /// The Mesos docker/volume isolator's dvdcli contract (also reachable as a symlink named `dvdcli`).
     #[command(long_about = dvdcli::DVDCLI_HELP)]
     Dvdcli(dvdcli::DvdcliArgs),
+    /// Mesos command-module hooks: isolator prepare/cleanup and the remove-executor hook (also as symlinks).
+    #[command(long_about = mesos::MESOS_HELP)]
+    Mesos(mesos::MesosArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     #[command(long_about = COMPLETIONS_HELP)]
     Completions {
@@ -306,6 +310,9 @@ pub fn main() -> i32 {
     if name == "dvdcli" {
         return dvdcli::main_as_dvdcli();
     }
+    if let Some(status) = mesos::main_as(&name) {
+        return status;
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Status {
@@ -347,6 +354,7 @@ pub fn main() -> i32 {
         } => ops::break_lock(&target, &volume, yes, json),
         Command::Exec(args) => exec::run(args),
         Command::Dvdcli(args) => dvdcli::run(args),
+        Command::Mesos(args) => mesos::run(args),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,

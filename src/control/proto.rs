@@ -52,12 +52,16 @@ pub enum Request {
         counted: bool,
         /// How long to wait for the lease and the mount, in milliseconds.
         wait_ms: u64,
+        /// Another name for `holder` that a later `Unacquire` may use (a Mesos
+        /// executor `executor:<framework>/<executor>` for the remove-executor hook).
+        #[serde(default)]
+        alias: Option<String>,
     },
     /// Drop a reference; the last one drains the volume (fence, clean release).
     Unacquire {
         /// The volume; `None`: every volume `holder` references.
         volume: Option<String>,
-        /// The holder.
+        /// The holder, or an alias given at acquire time.
         holder: String,
         /// How long to wait for the fence to finish, in milliseconds.
         wait_ms: u64,

@@ -25,6 +25,9 @@ const VERSION: u32 = 1;
 struct OnDisk {
     version: u32,
     volumes: BTreeMap<String, BTreeMap<String, u32>>,
+    /// alias → holder (e.g. a Mesos executor → its container).
+    #[serde(default)]
+    aliases: BTreeMap<String, String>,
 }
 
 /// The reference table and the file it lives in.
@@ -32,6 +35,7 @@ struct OnDisk {
 pub struct References {
     path: PathBuf,
     volumes: BTreeMap<String, BTreeMap<String, u32>>,
+    aliases: BTreeMap<String, String>,
 }
 
 /// What an add or remove did.
@@ -47,7 +51,7 @@ impl References {
     /// Loads `path` (a missing file is an empty table).
     pub fn load(path: impl Into<PathBuf>) -> anyhow::Result<Self> {
         let path = path.into();
-        let volumes = match std::fs::read(&path) {
+        let (volumes, aliases) = match std::fs::read(&path) {
             Ok(bytes) => {
                 let d: OnDisk = serde_json::from_slice(&bytes).map_err(|e| {
                     anyhow::anyhow!(
@@ -62,12 +66,16 @@ impl References {
                         d.version
                     );
                 }
-                d.volumes
+                (d.volumes, d.aliases)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
             Err(e) => anyhow::bail!("reading {}: {e}", path.display()),
         };
-        Ok(References { path, volumes })
+        Ok(References {
+            path,
+            volumes,
+            aliases,
+        })
     }
 
     /// The file.
@@ -103,13 +111,35 @@ impl References {
             .collect()
     }
 
+    /// The holder an alias stands for (or `name` itself).
+    pub fn resolve(&self, name: &str) -> String {
+        self.aliases
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| name.to_string())
+    }
+
     /// Adds a reference (`counted`: one more; otherwise at most one per holder) and writes the file.
     pub fn add(&mut self, volume: &str, holder: &str, counted: bool) -> anyhow::Result<Change> {
+        self.add_with_alias(volume, holder, counted, None)
+    }
+
+    /// Like [`References::add`], also recording `alias` → `holder` in the same write.
+    pub fn add_with_alias(
+        &mut self,
+        volume: &str,
+        holder: &str,
+        counted: bool,
+        alias: Option<&str>,
+    ) -> anyhow::Result<Change> {
         let before = self.count(volume);
         let mut next = self.volumes.clone();
         let h = next.entry(volume.to_string()).or_default();
         let n = h.entry(holder.to_string()).or_insert(0);
         *n = if counted { *n + 1 } else { 1 };
+        if let Some(a) = alias {
+            self.aliases.insert(a.to_string(), holder.to_string());
+        }
         self.commit(next)?;
         Ok(Change {
             before,
@@ -142,13 +172,18 @@ impl References {
     }
 
     fn commit(&mut self, next: BTreeMap<String, BTreeMap<String, u32>>) -> anyhow::Result<()> {
+        // Aliases of holders that hold nothing any more go with them.
+        let mut aliases = self.aliases.clone();
+        aliases.retain(|_, h| next.values().any(|m| m.contains_key(h)));
         let d = OnDisk {
             version: VERSION,
             volumes: next,
+            aliases,
         };
         let bytes = serde_json::to_vec_pretty(&d)?;
         write_atomically(&self.path, &bytes)?;
         self.volumes = d.volumes;
+        self.aliases = d.aliases;
         Ok(())
     }
 }

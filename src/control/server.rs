@@ -139,7 +139,21 @@ async fn connection(stream: UnixStream, ctx: &ControlContext) -> std::io::Result
             ),
             Ok(env) => {
                 tracing::info!(request = ?env.request, "control request");
-                handle(ctx, env.request).await
+                // The client keeps its side open until it has the answer: EOF
+                // (or an error) before that means it is gone.
+                let gone = async {
+                    let mut buf = [0u8; 64];
+                    loop {
+                        match reader.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) => {}
+                        }
+                    }
+                };
+                match handle_or_abandon(ctx, env.request, gone).await {
+                    Some(r) => r,
+                    None => return Ok(()),
+                }
             }
             Err(e) => error(ErrorKind::BadRequest, format!("not a request: {e}")),
         }
@@ -213,12 +227,14 @@ pub async fn handle(ctx: &ControlContext, req: Request) -> Response {
             holder,
             counted,
             wait_ms,
+            alias,
         } => {
             acquire(
                 ctx,
                 &volume,
                 &holder,
                 counted,
+                alias.as_deref(),
                 Duration::from_millis(wait_ms),
             )
             .await
@@ -227,7 +243,14 @@ pub async fn handle(ctx: &ControlContext, req: Request) -> Response {
             volume,
             holder,
             wait_ms,
-        } => unacquire(ctx, volume, &holder, Duration::from_millis(wait_ms)).await,
+        } => {
+            let holder = ctx
+                .refs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .resolve(&holder);
+            unacquire(ctx, volume, &holder, Duration::from_millis(wait_ms)).await
+        }
     }
 }
 
@@ -350,6 +373,7 @@ async fn acquire(
     volume: &str,
     holder: &str,
     counted: bool,
+    alias: Option<&str>,
     wait: Duration,
 ) -> Response {
     let Some(vcfg) = ctx.cfg.volume(volume) else {
@@ -374,7 +398,7 @@ async fn acquire(
     // On disk before anything is acquired.
     let change = {
         let mut refs = ctx.refs.lock().unwrap_or_else(|p| p.into_inner());
-        refs.add(volume, holder, counted)
+        refs.add_with_alias(volume, holder, counted, alias)
     };
     let change = match change {
         Ok(c) => c,
@@ -436,22 +460,7 @@ async fn acquire(
         }
     };
     // Not acquired: take the reference back so nothing stays half-acquired.
-    let undo = {
-        let mut refs = ctx.refs.lock().unwrap_or_else(|p| p.into_inner());
-        refs.remove(volume, holder, !counted)
-    };
-    if let Ok(c) = &undo {
-        if c.before > 0 && c.after == 0 {
-            let _ = send(
-                ctx,
-                vec![Input::Operator {
-                    volume: volume.to_string(),
-                    event: Event::Release { rejoin: false },
-                }],
-            )
-            .await;
-        }
-    }
+    undo_acquire(ctx, volume, holder, counted).await;
     if let Some(f) = failure {
         return f;
     }
@@ -480,6 +489,59 @@ async fn acquire(
             wait.as_secs_f64().round()
         ),
     )
+}
+
+/// Takes back the reference an acquire added; the last one drains the volume.
+async fn undo_acquire(ctx: &ControlContext, volume: &str, holder: &str, counted: bool) {
+    let undo = {
+        let mut refs = ctx.refs.lock().unwrap_or_else(|p| p.into_inner());
+        refs.remove(volume, holder, !counted)
+    };
+    match undo {
+        Ok(c) if c.before > 0 && c.after == 0 => {
+            tracing::info!(volume, holder, "reference taken back: draining");
+            let _ = send(
+                ctx,
+                vec![Input::Operator {
+                    volume: volume.to_string(),
+                    event: Event::Release { rejoin: false },
+                }],
+            )
+            .await;
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::error!(volume, holder, error = %e, "could not take the reference back")
+        }
+    }
+}
+
+/// Runs `req`; an acquire whose client goes away before the answer (killed by
+/// the module's timeout, SIGTERM, a crash) has its reference taken back, so
+/// nothing stays half-acquired. `None`: nobody is left to answer.
+async fn handle_or_abandon(
+    ctx: &ControlContext,
+    req: Request,
+    client_gone: impl std::future::Future<Output = ()>,
+) -> Option<Response> {
+    let Request::Acquire {
+        volume,
+        holder,
+        counted,
+        ..
+    } = &req
+    else {
+        return Some(handle(ctx, req).await);
+    };
+    let (volume, holder, counted) = (volume.clone(), holder.clone(), *counted);
+    tokio::select! {
+        r = handle(ctx, req) => Some(r),
+        _ = client_gone => {
+            tracing::warn!(volume = %volume, holder = %holder, "the client went away while waiting for the volume: taking its reference back");
+            undo_acquire(ctx, &volume, &holder, counted).await;
+            None
+        }
+    }
 }
 
 async fn unacquire(

@@ -5,6 +5,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod core_driver;
+pub mod lab;
 pub mod proxy;
 pub mod zk;
 
