@@ -111,6 +111,8 @@ run_step file-headers scripts/check-core-purity.sh --all-files
 run_step tests cargo test "${locked[@]}" --release --all-targets -- --show-output
 run_step doctests cargo test "${locked[@]}" --release --doc
 run_step package scripts/check-package.sh
+run_step campaign scripts/campaign.sh --faults 50 --duration 150
+run_step bench-report-quick env CI=true scripts/bench-report.sh --quick --out "$(mktemp /tmp/benchmarks-quick.XXXXXX.md)"
 run_step vm-lab scripts/vm-lab.sh
 
 passed=0

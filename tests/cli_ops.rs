@@ -97,6 +97,22 @@ fn status_release_drain_resume_and_break_lock() {
         |n| n.phase("db") == "running" && n.volume("db")["generation"].as_u64() != g,
     );
     assert!(n.log().contains("lease lost"), "{}", n.log_tail());
+
+    // SIGTERM after control requests were served: exit 0 and a clean release
+    // (a connection's hold on the lease service once made this fail).
+    let st = n.sigterm();
+    assert!(st.success(), "{st:?}\n{}", n.log_tail());
+    let o = n.cli(&["status", "--cluster", "--json"]);
+    let j: Value = serde_json::from_slice(&o.stdout).expect("json");
+    let db = j["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == "db")
+        .expect("db")
+        .clone();
+    assert!(db["holder"].is_null(), "{db:#}");
+    assert_eq!(db["last_winner_released_cleanly"], true, "{db:#}");
 }
 
 #[test]
@@ -554,5 +570,54 @@ fn the_control_socket_is_root_only_and_completions_generate() {
         String::from_utf8_lossy(&o.stderr).contains("no daemon answers"),
         "{}",
         text(&o)
+    );
+}
+
+#[test]
+fn a_daemon_restarted_without_zookeeper_fences_its_leftovers_first() {
+    let mut lab = Lab::new("nozk");
+    let mut n = lab.node("n1", "");
+    n.start();
+    n.wait_socket();
+    n.wait("db running", Duration::from_secs(30), |n| {
+        n.phase("db") == "running"
+    });
+    n.kill9();
+    assert!(mounted(&n.mnt("db")), "kill -9 leaves the mount");
+    lab.zk.kill();
+    // Restarted with ZooKeeper down: it cannot start its lease service, but the
+    // device and mount of the earlier run must not stay behind meanwhile.
+    n.start();
+    let mut child = n.child.take().expect("running");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let st = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the daemon neither connected nor gave up:\n{}",
+            n.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        !st.success(),
+        "no ZooKeeper: start-up fails\n{}",
+        n.log_tail()
+    );
+    assert!(!mounted(&n.mnt("db")), "{}", n.log_tail());
+    assert!(
+        !loop_attached(&lab.dir.path().join("db.img")),
+        "{}",
+        n.log_tail()
+    );
+    let log = n.log();
+    let fenced = log.find("leftover fence").expect("the leftover fence ran");
+    let zk_err = log.rfind("ZooKeeper").unwrap_or(usize::MAX);
+    assert!(
+        fenced < zk_err,
+        "fenced before giving up on ZooKeeper\n{}",
+        n.log_tail()
     );
 }

@@ -359,3 +359,79 @@ async fn killing_the_ensemble_leader_does_not_fence_a_holder_that_reconnects() {
     );
     assert!(db.running.is_none(), "b must not run");
 }
+
+/// Regression (found by the fault campaign, tests/campaign.rs, seed 2): a holder cut off
+/// past T gets a new session when the cut heals. Its lease ended with the old session, and
+/// that `Lost` must reach the core before any contact of the new session: the core takes a
+/// heartbeat while suspended for "contact back within the session", and a late `Lost` let a
+/// node in lock-delay resume and attach under the expired generation while another node
+/// held the volume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_lost_with_its_session_is_reported_before_the_next_sessions_contact() {
+    let _serial = SERIAL.lock().await;
+    let zk = ZkServer::start();
+    let root = chroot("lost-order");
+    let proxy = Proxy::start(&zk.address());
+    let mut notices = Notices::new();
+    let (a, rx) = LeaseService::start(lease_config(&proxy.address(), &root, "a", T))
+        .await
+        .expect("a starts");
+    notices.add(0, rx);
+    a.contend("vol").expect("contend");
+    notices
+        .wait("a's win", Duration::from_secs(15), |_, n| {
+            matches!(n, LeaseNotice::Won { .. })
+        })
+        .await;
+    let cut = Instant::now();
+    proxy.blackhole();
+    notices
+        .wait("the session to be suspected", 2 * T, |_, n| {
+            matches!(n, LeaseNotice::Disconnected { .. })
+        })
+        .await;
+    // Past T (+ the library's own expiry notice): the server has expired the session.
+    notices.collect_for(2 * T).await;
+    proxy.heal();
+    notices
+        .wait("a new session", 4 * T, |_, n| {
+            matches!(n, LeaseNotice::SessionStarted { .. })
+        })
+        .await;
+    notices
+        .wait("contact in the new session", 2 * T, |_, n| {
+            matches!(
+                n,
+                LeaseNotice::Heartbeat { .. } | LeaseNotice::Reconnected { .. }
+            )
+        })
+        .await;
+    let after: Vec<&LeaseNotice> = notices
+        .seen
+        .iter()
+        .filter(|(t, _, _)| *t > cut)
+        .map(|e| &e.2)
+        .collect();
+    let lost = after
+        .iter()
+        .position(|n| matches!(n, LeaseNotice::Lost { volume, .. } if volume == "vol"))
+        .unwrap_or_else(|| panic!("no Lost for vol:\n{}", notices.history()));
+    let started = after
+        .iter()
+        .position(|n| matches!(n, LeaseNotice::SessionStarted { .. }))
+        .expect("SessionStarted");
+    assert!(
+        lost < started,
+        "Lost must come before the next session's notices:\n{}",
+        notices.history()
+    );
+    assert_eq!(
+        after
+            .iter()
+            .filter(|n| matches!(n, LeaseNotice::Lost { .. }))
+            .count(),
+        1,
+        "one Lost, not two:\n{}",
+        notices.history()
+    );
+}

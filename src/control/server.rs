@@ -42,8 +42,9 @@ pub struct ControlContext {
     pub origin: std::time::Instant,
     /// Durable references on on-demand volumes.
     pub refs: Arc<Mutex<References>>,
-    /// The lease service (to name a holder elsewhere when a wait runs out).
-    pub lease: Option<Arc<LeaseService>>,
+    /// The lease service (to name a holder elsewhere when a wait runs out);
+    /// weak, so that connections in flight never keep it from shutting down.
+    pub lease: Option<std::sync::Weak<LeaseService>>,
 }
 
 /// Binds the socket at `path`: refuses if a live daemon answers there, replaces a stale one, mode 0600.
@@ -469,7 +470,7 @@ async fn acquire(
         Some(s) => format!("it is {} here ({})", s.phase.name(), s.last_reason),
         None => "it has not started here".to_string(),
     };
-    if let Some(lease) = &ctx.lease {
+    if let Some(lease) = ctx.lease.as_ref().and_then(std::sync::Weak::upgrade) {
         if let Ok(Ok(st)) = tokio::time::timeout(Duration::from_secs(2), lease.status(volume)).await
         {
             if let Ok(Some(h)) = st.holder() {

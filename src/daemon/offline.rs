@@ -157,54 +157,7 @@ pub async fn force_detach(
         say(format!("  killed the wedged daemon (pid {pid}, SIGKILL) so it cannot wake up and act on the volume"));
     }
     if !left.is_empty() {
-        let setup = VolumeSetup {
-            name: v.name.clone(),
-            policy: v.policy.clone(),
-            leftovers: left,
-        };
-        let name = v.name.clone();
-        let (mut driver, leftovers) = Driver::with_runner(
-            vec![setup],
-            Arc::new(NoLease),
-            move |tx| {
-                let runner = RealRunner::new(vec![runtime], ex, tx);
-                runner.adopt_leftovers(&name, &report);
-                Arc::new(runner)
-            },
-            Box::new(NoWatchdog),
-            1,
-        );
-        driver.observe(Arc::new(Steps(say.clone())));
-        let tx = driver.sender();
-        let _ = tx.send(Input::Operator {
-            volume: v.name.clone(),
-            event: Event::ForceDetach,
-        });
-        let mut changes = driver.board_changes();
-        let board = driver.board();
-        let vol = v.name.clone();
-        let fenced = async move {
-            loop {
-                let done = board
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .iter()
-                    .any(|s| s.name == vol && !s.exposed && s.phase == Phase::Out);
-                if done || changes.changed().await.is_err() {
-                    return;
-                }
-            }
-        };
-        let limit = v.policy.timings.fence_budget().total + Duration::from_secs(30);
-        tokio::time::timeout(limit, driver.run(leftovers, fenced))
-            .await
-            .map_err(|_| {
-                anyhow::anyhow!(
-                    "the fence did not finish within {}s: check `dmesg`, `findmnt {}` and `ps` for stuck processes (D state)",
-                    limit.as_secs(),
-                    v.mount_path.display()
-                )
-            })?;
+        run_fence(v, runtime, report, ex, true, say.clone()).await?;
     }
 
     // This node's own lock nodes, so the next holder need not wait for the session to expire.
@@ -233,6 +186,105 @@ pub async fn force_detach(
         say(format!("  could not clean up ZooKeeper ({p}): this node's lock node goes away when the dead daemon's session expires"));
     }
     Ok(out)
+}
+
+/// Runs the core's fence of what `report` found for `v`, with no lease:
+/// `force` escalates it as a forced detach (SIGKILL at once, forced unmount)
+/// and leaves the volume out; otherwise it is the start-up fence of leftovers.
+async fn run_fence(
+    v: &crate::config::VolumeConfig,
+    runtime: super::runner::VolumeRuntime,
+    report: crate::exec::RecoveryReport,
+    ex: super::runner::Executors,
+    force: bool,
+    say: Arc<dyn Fn(String) + Send + Sync>,
+) -> anyhow::Result<()> {
+    let setup = VolumeSetup {
+        name: v.name.clone(),
+        policy: v.policy.clone(),
+        leftovers: report.leftovers(),
+    };
+    let name = v.name.clone();
+    let (mut driver, leftovers) = Driver::with_runner(
+        vec![setup],
+        Arc::new(NoLease),
+        move |tx| {
+            let runner = RealRunner::new(vec![runtime], ex, tx);
+            runner.adopt_leftovers(&name, &report);
+            Arc::new(runner)
+        },
+        Box::new(NoWatchdog),
+        1,
+    );
+    driver.observe(Arc::new(Steps(say)));
+    if force {
+        let _ = driver.sender().send(Input::Operator {
+            volume: v.name.clone(),
+            event: Event::ForceDetach,
+        });
+    }
+    let mut changes = driver.board_changes();
+    let board = driver.board();
+    let vol = v.name.clone();
+    let fenced = async move {
+        loop {
+            let done = board
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .any(|s| {
+                    s.name == vol
+                        && !s.exposed
+                        && !matches!(s.phase, Phase::Init | Phase::Recovering | Phase::Fencing)
+                        && (!force || s.phase == Phase::Out)
+                });
+            if done || changes.changed().await.is_err() {
+                return;
+            }
+        }
+    };
+    let limit = v.policy.timings.fence_budget().total + Duration::from_secs(30);
+    tokio::time::timeout(limit, driver.run(leftovers, fenced))
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "the fence did not finish within {}s: check `dmesg`, `findmnt {}` and `ps` for stuck processes (D state)",
+                limit.as_secs(),
+                v.mount_path.display()
+            )
+        })?;
+    Ok(())
+}
+
+/// Start-up: fences what an earlier run left of `v` (device, mount, task)
+/// before anything else, so that it never waits on ZooKeeper: a node that
+/// cannot reach ZooKeeper must not keep a device attached while another node
+/// may win the lease. Returns the rescanned (now empty) runtime and report.
+pub async fn fence_leftovers_first(
+    cfg: &Config,
+    v: &crate::config::VolumeConfig,
+    sink: crate::exec::OutputSink,
+) -> anyhow::Result<(super::runner::VolumeRuntime, crate::exec::RecoveryReport)> {
+    let (ex, recovery) = super::run::executors();
+    let (runtime, report) = super::run::prepare_volume(v, cfg, &recovery, sink.clone())?;
+    if report.leftovers().is_empty() {
+        return Ok((runtime, report));
+    }
+    let volume = v.name.clone();
+    let say: Arc<dyn Fn(String) + Send + Sync> = Arc::new(move |l: String| {
+        tracing::info!(volume = %volume, "leftover fence: {}", l.trim());
+    });
+    run_fence(v, runtime, report, ex, false, say).await?;
+    let (_, recovery) = super::run::executors();
+    let again = super::run::prepare_volume(v, cfg, &recovery, sink)?;
+    if !again.1.leftovers().is_empty() {
+        anyhow::bail!(
+            "volume {}: leftovers still there after their fence: {:?}",
+            v.name,
+            again.1.leftovers()
+        );
+    }
+    Ok(again)
 }
 
 fn describe_leftovers(l: &crate::core::Leftovers) -> String {

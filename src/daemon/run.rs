@@ -2,8 +2,10 @@
 //!
 //! Order of start-up:
 //! 1. recovery scan per volume (our devices, mounts at our paths, task groups
-//!    from pid files) — the runner adopts what it finds so the core's fence
-//!    of the leftovers reaches it;
+//!    from pid files) and the core's fence of what it found, run at once with
+//!    no lease ([`super::offline::fence_leftovers_first`]): a node that cannot
+//!    reach ZooKeeper must not keep a device attached while another node may
+//!    win the lease (found by the fault campaign);
 //! 2. the lease service (one ZooKeeper session, node id registered);
 //! 3. the fencing budget is checked again against the *negotiated* session
 //!    timeout — a server that grants less than the config asked for could
@@ -194,9 +196,9 @@ pub async fn run_mode(cfg: Config, mode: Mode) -> anyhow::Result<i32> {
     let cfg = Arc::new(cfg);
     std::fs::create_dir_all(&cfg.node.run_dir)
         .with_context(|| format!("creating run_dir {}", cfg.node.run_dir.display()))?;
-    let (ex, recovery) = executors();
+    let (ex, _) = executors();
 
-    // 1. What earlier runs left.
+    // 1. What earlier runs left, fenced at once.
     let mut runtimes = Vec::new();
     let mut reports = Vec::new();
     for v in &cfg.volumes {
@@ -204,7 +206,8 @@ pub async fn run_mode(cfg: Config, mode: Mode) -> anyhow::Result<i32> {
             Mode::Daemon => exec::task::tracing_sink(),
             Mode::Exec(_) => super::wrapper::passthrough_sink(),
         };
-        let (runtime, report) = prepare_volume(v, &cfg, &recovery, sink)?;
+        // Fenced here, before the lease service: that must not wait for ZooKeeper.
+        let (runtime, report) = super::offline::fence_leftovers_first(&cfg, v, sink).await?;
         runtimes.push(runtime);
         reports.push(report);
     }
@@ -331,7 +334,7 @@ pub async fn run_mode(cfg: Config, mode: Mode) -> anyhow::Result<i32> {
             session_timeout: negotiated,
             origin: driver.origin(),
             refs: Arc::new(std::sync::Mutex::new(refs)),
-            lease: Some(service.clone()),
+            lease: Some(Arc::downgrade(&service)),
         });
         let path = cfg.control.socket.clone();
         background.push(tokio::spawn(control::serve(listener, path, ctx)));
@@ -434,12 +437,24 @@ pub async fn run_mode(cfg: Config, mode: Mode) -> anyhow::Result<i32> {
     status_task.abort();
     for b in background {
         b.abort();
+        let _ = b.await;
     }
     if let Some(n) = &notifier {
         let _ = n.stopping("fenced and released every volume");
     }
-    let service = Arc::try_unwrap(service)
-        .map_err(|_| anyhow::anyhow!("lease service still shared at shutdown"))?;
+    // A control request in flight may hold the service for a moment.
+    let mut service = service;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    let service = loop {
+        match Arc::try_unwrap(service) {
+            Ok(s) => break s,
+            Err(shared) if tokio::time::Instant::now() < deadline => {
+                service = shared;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(_) => anyhow::bail!("lease service still shared at shutdown"),
+        }
+    };
     service.shutdown(Duration::from_secs(5)).await;
     if let Some(path) = device_watchdog {
         // The driver owned the open device; reopen to write the magic close.

@@ -234,11 +234,72 @@ pub(crate) struct Inner {
     contact: Mutex<Option<Instant>>,
     timeout: Mutex<Duration>,
     counters: Counters,
+    /// Volumes whose `Won` was reported and not yet released or reported lost, with the
+    /// epoch of the session they were won under. The end of a session reports `Lost` for
+    /// its entries before anything of the next session is reported (see [`Inner::session_ended`]).
+    held: Mutex<HashMap<String, u64>>,
 }
 
 impl Inner {
     pub fn emit(&self, n: LeaseNotice) {
         let _ = self.notices.send(n);
+    }
+
+    /// Reports `won` (a `Won` of `volume`) if session `epoch` is still the current one, and
+    /// registers the volume as held under it; `false` (nothing sent) once that session is over.
+    pub fn emit_won(&self, volume: &str, epoch: u64, won: LeaseNotice) -> bool {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if self.session().map(|s| s.epoch) != Some(epoch) {
+            return false;
+        }
+        held.insert(volume.to_string(), epoch);
+        self.emit(won);
+        true
+    }
+
+    /// Reports `Lost` for `volume`, held under session `epoch`, unless the end of that
+    /// session already did (or the core released it).
+    pub fn emit_held_lost(&self, volume: &str, epoch: u64, reason: String) {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if held.get(volume) == Some(&epoch) {
+            held.remove(volume);
+            self.emit(LeaseNotice::Lost {
+                volume: volume.to_string(),
+                reason,
+            });
+        }
+    }
+
+    /// The core released `volume`: no `Lost` is due for it any more.
+    pub fn forget_held(&self, volume: &str) {
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(volume);
+    }
+
+    /// Session `epoch` is over (it was unpublished first, so no new `Won` can register under
+    /// it): reports `Lost` for every volume won under it, now, in the notice order — before
+    /// the next session's `SessionStarted` and heartbeats. Otherwise a volume task slow to
+    /// notice the end could report its loss after the new session's first heartbeat, which
+    /// the core would take for contact back within the old session (found by the fault
+    /// campaign: a holder cut off past T resumed bringing the volume up under the expired
+    /// generation while another node held it).
+    pub fn session_ended(&self, epoch: u64, state: &str) {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let mut gone: Vec<String> = held
+            .iter()
+            .filter(|(_, e)| **e == epoch)
+            .map(|(v, _)| v.clone())
+            .collect();
+        gone.sort();
+        for volume in gone {
+            held.remove(&volume);
+            self.emit(LeaseNotice::Lost {
+                volume,
+                reason: format!("the ZooKeeper session ended ({state}) while holding the lease"),
+            });
+        }
     }
 
     pub fn problem(&self, volume: Option<&str>, error: LeaseError) {
@@ -317,6 +378,7 @@ impl LeaseService {
             contact: Mutex::new(None),
             timeout: Mutex::new(Duration::ZERO),
             counters: Counters::default(),
+            held: Mutex::new(HashMap::new()),
         });
         let (client, sent) = session::connect_and_register(&inner).await?;
         session::publish(&inner, &client, sent, 1);

@@ -207,10 +207,16 @@ pub(crate) async fn run(
                 let _ = tokio::time::timeout(inner.cfg.session_timeout, closed).await;
                 return;
             }
-            End::Over(state) => inner.emit(LeaseNotice::SessionEnded {
-                session: id,
-                state: format!("{state:?}"),
-            }),
+            End::Over(state) => {
+                // Every lease won under this session is lost: said before anything of
+                // the next session (the session is unpublished above, so no volume can
+                // report a win under it any more).
+                inner.session_ended(epoch, &format!("{state:?}"));
+                inner.emit(LeaseNotice::SessionEnded {
+                    session: id,
+                    state: format!("{state:?}"),
+                })
+            }
         }
         drop(client);
         let mut backoff = inner.retry_pause();

@@ -441,14 +441,19 @@ impl Actor {
             last_contact = sent;
         }
         if self.last_won != Some(node.czxid) {
-            self.last_won = Some(node.czxid);
-            self.inner.counters.wins.fetch_add(1, Ordering::Relaxed);
-            self.inner.emit(LeaseNotice::Won {
+            let won = LeaseNotice::Won {
                 volume: self.volume.clone(),
                 generation: Generation(node.czxid),
                 predecessor_clean,
                 last_contact,
-            });
+            };
+            if !self.inner.emit_won(&self.volume, node.epoch, won) {
+                // The session ended between the win and now: the node went with it.
+                self.lost("the ZooKeeper session ended while queued");
+                return State::Idle;
+            }
+            self.last_won = Some(node.czxid);
+            self.inner.counters.wins.fetch_add(1, Ordering::Relaxed);
         }
         if let Some(g) = prev_gen {
             self.collect_released(sess, g).await;
@@ -482,17 +487,25 @@ impl Actor {
             Some(s) if s.epoch == node.epoch => s,
             Some(_) | None => {
                 self.orphans.insert(node.czxid, node.path.clone());
-                self.lost("the ZooKeeper session ended while holding the lease");
+                self.inner.emit_held_lost(
+                    &self.volume,
+                    node.epoch,
+                    "the ZooKeeper session ended while holding the lease".to_string(),
+                );
                 return State::Idle;
             }
         };
         // Watch our own node: a break-lock (admin deletes it) must end the lease at once.
         let watcher = match sess.client.check_and_watch_stat(&node.path).await {
             Ok((None, _)) => {
-                self.lost(format!(
-                    "lock node {} was deleted by another client (lock broken by an administrator?)",
-                    node.path
-                ));
+                self.inner.emit_held_lost(
+                    &self.volume,
+                    node.epoch,
+                    format!(
+                        "lock node {} was deleted by another client (lock broken by an administrator?)",
+                        node.path
+                    ),
+                );
                 return State::Idle;
             }
             Ok((Some(_), w)) => Some(w),
@@ -511,10 +524,14 @@ impl Actor {
             ev = &mut watch => {
                 return match ev.event_type {
                     zk::EventType::NodeDeleted => {
-                        self.lost(format!(
-                            "lock node {} was deleted by another client (lock broken by an administrator?)",
-                            node.path
-                        ));
+                        self.inner.emit_held_lost(
+                            &self.volume,
+                            node.epoch,
+                            format!(
+                                "lock node {} was deleted by another client (lock broken by an administrator?)",
+                                node.path
+                            ),
+                        );
                         State::Idle
                     }
                     _ => same(node),
@@ -547,6 +564,7 @@ impl Actor {
         match cmd {
             None | Some(Cmd::Stop) => State::Stopped,
             Some(Cmd::Release { generation, clean }) if generation == node.czxid => {
+                self.inner.forget_held(&self.volume);
                 self.release(&node.path, node.czxid, clean).await;
                 State::Idle
             }
