@@ -70,6 +70,16 @@ fn status_release_drain_resume_and_break_lock() {
         n.phase("db") == "running"
     });
 
+    // An on-demand volume nobody references is not started by resume.
+    let o = n.cli(&["resume", "web"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("stays out until acquired"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(n.phase("web"), "out");
+
     // Unknown volume: exit 3 and the names.
     let o = n.cli(&["release", "nope"]);
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));
@@ -326,6 +336,25 @@ fn dvdcli_mounts_are_reference_counted_and_a_lease_held_elsewhere_fails_in_time(
     );
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
 
+    // per-volume references (what Mesos' docker/volume isolator expects:
+    // mount per container, one unmount after the last): the first unmount releases.
+    let mut c = lab.node("c", "\n[mesos]\ndvdcli_references = \"per-volume\"\n");
+    c.start();
+    c.wait_socket();
+    let o = dvdcli(&b, &unmount);
+    assert!(o.status.success(), "{}", text(&o));
+    for _ in 0..2 {
+        let o = dvdcli(&c, &mount);
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    assert_eq!(c.volume("web")["references"]["dvdcli"], 1);
+    let o = dvdcli(&c, &unmount);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(!mounted(&c.mnt("web")));
+    assert_eq!(c.phase("web"), "out");
+    let o = dvdcli(&b, &mount);
+    assert!(o.status.success(), "{}", text(&o));
+
     // References survive a daemon crash: b restarted fences what it left, then re-acquires web.
     b.kill9();
     b.start();
@@ -555,6 +584,19 @@ fn the_control_socket_is_root_only_and_completions_generate() {
             "{shell}"
         );
     }
+    // The exec wrapper refuses a volume the daemon manages (they would fence each other's mounts).
+    let o = Command::new(BIN)
+        .args(["exec", "--volume", "web", "--config"])
+        .arg(n.cfg())
+        .args(["--", "true"])
+        .output()
+        .expect("exec");
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("manages volume web"),
+        "{}",
+        text(&o)
+    );
     // No daemon: exit 6 and a hint.
     n.kill9();
     let ss = Command::new("ss").args(["-xlp"]).output().expect("ss");

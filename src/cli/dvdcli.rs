@@ -25,13 +25,19 @@ mesos.acquire_wait (or the wait= volume option), always below Mesos' 120 s
 kill. On success it prints only the mount point on stdout and exits 0; on
 failure it prints the reason on stderr and exits non-zero (4: the lease is
 held elsewhere or the volume did not come up in time; 5: it came up and
-failed, e.g. fsck refused; 3: unknown volume; 6: no daemon).
+failed, e.g. fsck refused; 3: unknown volume; 2: bad arguments or a volume
+that is not on demand; 6: no daemon).
 
-Mounts are reference-counted across containers: each mount adds one, each
-unmount drops one, the last one fences the volume here and releases its lease
-cleanly. References are on disk before the volume is acquired, so a restart
-of the daemon or the agent neither forgets a mount nor releases a volume
-still in use.
+Mounts are reference-counted: with mesos.dvdcli_references = \"per-mount\"
+(the default) each mount adds one and each unmount drops one; with
+\"per-volume\" a mount is idempotent and an unmount releases (what Mesos'
+docker/volume isolator expects: it calls mount for every container and
+unmount once, after the last container using the volume). Containers of the
+Mesos hooks hold their own references beside dvdcli's. The last reference
+fences the volume here and releases its lease cleanly. References are on disk before the volume is acquired, so a restart of
+the daemon or the agent does not forget a mount: the restarted daemon fences
+what its dead predecessor left (the lease went with its session) and then
+acquires the volume again.
 
 Volume options (--volumeopts, repeatable, KEY=VALUE): wait=DURATION.
 The config file is $NBD_FAILOVER_CONFIG or /etc/nbd-failover/nbd-failover.toml.";
@@ -137,7 +143,7 @@ pub(crate) fn run(a: DvdcliArgs) -> i32 {
             Request::Acquire {
                 volume: volume.clone(),
                 holder: "dvdcli".to_string(),
-                counted: true,
+                counted: cfg.mesos.dvdcli_counted,
                 wait_ms: wait.as_millis() as u64,
                 alias: None,
             },

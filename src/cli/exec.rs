@@ -74,12 +74,9 @@ pub(crate) fn run(a: ExecArgs) -> i32 {
     if let Ok(Response::Status(s)) =
         control::call(&cfg.control.socket, Request::Status, Duration::from_secs(3))
     {
-        if s.volumes
-            .iter()
-            .any(|x| x.name == a.volume && x.activation == "always")
-        {
+        if s.volumes.iter().any(|x| x.name == a.volume) {
             eprintln!(
-                "exec: the node daemon (pid {}) serves volume {} itself (activation = \"always\"): run the command as that volume's [task], or set activation = \"on-demand\" and use the wrapper",
+                "exec: the node daemon (pid {}) manages volume {} on this host: the two would fence each other's mounts. Run the command as that volume's [task], or give the wrapper a config the daemon does not load",
                 s.pid, a.volume
             );
             return code::USAGE;
@@ -98,6 +95,10 @@ pub(crate) fn run(a: ExecArgs) -> i32 {
     v.policy.has_task = true;
     v.policy.start_out = false;
     v.activation = Activation::Always;
+    // The wrapper is not under the daemon unit's watchdog (see docs/mesos.md:
+    // route 1 has no watchdog backstop).
+    v.policy.timings.watchdog_timeout = None;
+    cfg.watchdog = crate::config::WatchdogConfig::Off;
     cfg.node.id = format!("{}.exec-{}", cfg.node.id, a.volume);
     let pid_file = cfg.node.run_dir.join(format!("{}.task", a.volume));
     cfg.volumes = vec![v];

@@ -40,9 +40,11 @@ Entry points for the Mesos agent's command modules (criteo/mesos-command-modules
 each is run as COMMAND INPUT_FILE OUTPUT_FILE, with Mesos' protobuf JSON in
 INPUT_FILE. Point the module parameters at the symlinks the package installs:
 
-  isolator_prepare                  /usr/lib/nbd-failover/bin/nbd-failover-mesos-prepare
-  isolator_cleanup                  /usr/lib/nbd-failover/bin/nbd-failover-mesos-cleanup
-  hook_slave_remove_executor_hook   /usr/lib/nbd-failover/bin/nbd-failover-mesos-remove-executor
+  isolator_prepare_command                 /usr/lib/nbd-failover/bin/nbd-failover-mesos-prepare
+  isolator_cleanup_command                 /usr/lib/nbd-failover/bin/nbd-failover-mesos-cleanup
+  hook_slave_remove_executor_hook_command  /usr/lib/nbd-failover/bin/nbd-failover-mesos-remove-executor
+
+(docs/mesos.md has the complete modules JSON and the agent flags).
 
 prepare: the container's volumes are named by the task label mesos.label_key
 (default nbd-failover.volume; several comma-separated) or, failing that, by

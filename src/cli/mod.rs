@@ -222,7 +222,8 @@ holder skips the lock-delay) and exits 0. Under systemd (Type=notify) it
 sends READY=1, STATUS= and, with watchdog.mode = \"systemd\", WATCHDOG=1
 only while every held lease is fresh.
 
-Logs go to stderr (RUST_LOG sets the level, default info).
+Logs go to the journal under systemd (stderr connected to it), else to stderr;
+RUST_LOG sets the level (default info).
 
 Exit status: 0 after a clean shutdown, 1 on a start-up error (config, ZooKeeper
 unreachable, node id already in use, budget broken by the negotiated timeout).";
@@ -284,7 +285,7 @@ Exit status (all subcommands):
 const COMPLETIONS_HELP: &str = "\
 Print a shell completion script on stdout.
 
-  nbd-failover completions bash > /etc/bash_completion.d/nbd-failover
+  nbd-failover completions bash > /usr/share/bash-completion/completions/nbd-failover
   nbd-failover completions zsh  > /usr/share/zsh/vendor-completions/_nbd-failover
   nbd-failover completions fish > /usr/share/fish/vendor_completions.d/nbd-failover.fish
 

@@ -82,6 +82,11 @@ pub struct MesosConfig {
     pub acquire_wait: std::time::Duration,
     /// Task label listing the volumes a container needs (comma-separated).
     pub label_key: String,
+    /// `dvdcli_references = "per-mount"` (true: every `dvdcli mount` adds a
+    /// reference, every unmount drops one) or `"per-volume"` (false: mount is
+    /// idempotent, unmount releases; Mesos' docker/volume isolator calls mount
+    /// for every container but unmount only after the last one).
+    pub dvdcli_counted: bool,
 }
 
 /// When a volume contends for its lease.
@@ -90,9 +95,9 @@ pub struct MesosConfig {
 pub enum Activation {
     /// From daemon start (the volume's own `[task]` runs on the holder).
     Always,
-    /// Only while something holds a reference: `dvdcli mount`, a Mesos
-    /// container (prepare hook), `nbd-failover acquire`. References are
-    /// recorded durably in `state_dir` before acting.
+    /// Only while something holds a reference: `dvdcli mount` or a Mesos
+    /// container (prepare hook). References are recorded durably in
+    /// `state_dir` before acting.
     OnDemand,
 }
 

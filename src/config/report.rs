@@ -128,6 +128,15 @@ pub fn effective_toml(cfg: &Config) -> String {
     let _ = writeln!(o, "\n[mesos]");
     let _ = writeln!(o, "acquire_wait = {}", qd(cfg.mesos.acquire_wait));
     let _ = writeln!(o, "label_key = {}", q(&cfg.mesos.label_key));
+    let _ = writeln!(
+        o,
+        "dvdcli_references = {}",
+        q(if cfg.mesos.dvdcli_counted {
+            "per-mount"
+        } else {
+            "per-volume"
+        })
+    );
 
     for v in &cfg.volumes {
         volume_toml(&mut o, v);

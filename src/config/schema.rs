@@ -54,7 +54,7 @@ const TOP_KEYS: &[&str] = &[
 ];
 const CONTROL_KEYS: &[&str] = &["socket"];
 const METRICS_KEYS: &[&str] = &["listen"];
-const MESOS_KEYS: &[&str] = &["acquire_wait", "label_key"];
+const MESOS_KEYS: &[&str] = &["acquire_wait", "label_key", "dvdcli_references"];
 /// Default metrics endpoint (loopback only).
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9713";
 /// Default time `dvdcli mount` and the Mesos prepare hook wait for the lease.
@@ -237,6 +237,7 @@ fn read_mesos(root: &Table<'_>, sink: &mut Sink<'_>) -> Option<MesosConfig> {
     let default = || MesosConfig {
         acquire_wait: DEFAULT_ACQUIRE_WAIT,
         label_key: DEFAULT_LABEL_KEY.to_string(),
+        dvdcli_counted: true,
     };
     let Some(t) = root.table(sink, "mesos") else {
         return (!root.has("mesos")).then(default);
@@ -268,12 +269,23 @@ fn read_mesos(root: &Table<'_>, sink: &mut Sink<'_>) -> Option<MesosConfig> {
         None if t.has("label_key") => None,
         None => Some(DEFAULT_LABEL_KEY.to_string()),
     };
+    let dvdcli_counted = match keyword(
+        sink,
+        &t,
+        "dvdcli_references",
+        &[("per-mount", true), ("per-volume", false)],
+    ) {
+        Some(k) => Some(k.value),
+        None if t.has("dvdcli_references") => None,
+        None => Some(true),
+    };
     if !ok {
         return None;
     }
     Some(MesosConfig {
         acquire_wait: acquire_wait?,
         label_key: label_key?,
+        dvdcli_counted: dvdcli_counted?,
     })
 }
 

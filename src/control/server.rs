@@ -210,7 +210,26 @@ pub async fn handle(ctx: &ControlContext, req: Request) -> Response {
                     );
                 }
             }
-            operator(ctx, &vs, Event::Resume).await
+            // An on-demand volume nobody references stays out: resuming it
+            // would hold a lease (and block other nodes) for nobody.
+            let (held, idle): (Vec<String>, Vec<String>) = vs.into_iter().partition(|v| {
+                ctx.cfg
+                    .volume(v)
+                    .map_or(true, |c| c.activation != Activation::OnDemand)
+                    || ctx.refs.lock().unwrap_or_else(|p| p.into_inner()).count(v) > 0
+            });
+            let mut r = operator(ctx, &held, Event::Resume).await;
+            if let Response::Ok { message } = &mut r {
+                for v in &idle {
+                    if !message.is_empty() {
+                        message.push('\n');
+                    }
+                    message.push_str(&format!(
+                        "{v}: on demand with no references: stays out until acquired"
+                    ));
+                }
+            }
+            r
         }
         Request::ForceDetach { volume } => {
             // On disk first: a restarted daemon keeps the volume out too.

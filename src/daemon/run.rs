@@ -192,10 +192,36 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 }
 
 /// Runs in `mode`; returns the wrapped command's exit code in exec mode (0 for the daemon).
-pub async fn run_mode(cfg: Config, mode: Mode) -> anyhow::Result<i32> {
-    let cfg = Arc::new(cfg);
+pub async fn run_mode(mut cfg: Config, mode: Mode) -> anyhow::Result<i32> {
     std::fs::create_dir_all(&cfg.node.run_dir)
         .with_context(|| format!("creating run_dir {}", cfg.node.run_dir.display()))?;
+    let mut _exec_pid = None;
+    match &mode {
+        Mode::Daemon => {
+            // A volume an `exec` wrapper runs on this host is the wrapper's:
+            // the daemon must not fence or contend for it.
+            cfg.volumes.retain(|v| match running_exec(&cfg.node.run_dir, &v.name) {
+                Some(pid) => {
+                    tracing::warn!(volume = %v.name, pid, "an exec wrapper runs this volume here: the daemon leaves it alone this run (restart the daemon after the wrapper ends)");
+                    false
+                }
+                None => true,
+            });
+        }
+        Mode::Exec(w) => {
+            if let Some(pid) = running_exec(&cfg.node.run_dir, w.volume()) {
+                bail!(
+                    "an exec wrapper (pid {pid}) already runs volume {} on this host",
+                    w.volume()
+                );
+            }
+            _exec_pid = Some(PidFileGuard::write(exec_pid_path(
+                &cfg.node.run_dir,
+                w.volume(),
+            ))?);
+        }
+    }
+    let cfg = Arc::new(cfg);
     let (ex, _) = executors();
 
     // 1. What earlier runs left, fenced at once.
@@ -475,6 +501,45 @@ pub async fn run_mode(cfg: Config, mode: Mode) -> anyhow::Result<i32> {
     })
 }
 
+/// `<run_dir>/exec-<volume>.pid`: the `exec` wrapper running `volume`.
+pub fn exec_pid_path(run_dir: &std::path::Path, volume: &str) -> std::path::PathBuf {
+    run_dir.join(format!("exec-{volume}.pid"))
+}
+
+/// The pid of a live `exec` wrapper running `volume` here.
+pub fn running_exec(run_dir: &std::path::Path, volume: &str) -> Option<i32> {
+    live_pid_file(&exec_pid_path(run_dir, volume))
+}
+
+/// Writes "PID START_TIME" and removes the file when dropped.
+struct PidFileGuard(std::path::PathBuf);
+
+impl PidFileGuard {
+    fn write(path: std::path::PathBuf) -> anyhow::Result<Self> {
+        let pid = std::process::id() as i32;
+        let start = exec::procfs::read_stat(pid)
+            .map(|s| s.start_time)
+            .unwrap_or(0);
+        std::fs::write(&path, format!("{pid} {start}\n"))
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(PidFileGuard(path))
+    }
+}
+
+impl Drop for PidFileGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn live_pid_file(path: &std::path::Path) -> Option<i32> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut it = text.split_whitespace();
+    let pid: i32 = it.next()?.parse().ok()?;
+    let start: u64 = it.next()?.parse().ok()?;
+    exec::procfs::process_alive(pid, Some(start)).then_some(pid)
+}
+
 /// `<run_dir>/daemon.pid`: "PID START_TIME" of the running daemon (forced detach finds a wedged one by it).
 pub fn daemon_pid_path(run_dir: &std::path::Path) -> std::path::PathBuf {
     run_dir.join("daemon.pid")
@@ -492,11 +557,7 @@ fn write_daemon_pid(run_dir: &std::path::Path) -> anyhow::Result<()> {
 
 /// The daemon's pid if one runs per `<run_dir>/daemon.pid` (same start time).
 pub fn running_daemon(run_dir: &std::path::Path) -> Option<i32> {
-    let text = std::fs::read_to_string(daemon_pid_path(run_dir)).ok()?;
-    let mut it = text.split_whitespace();
-    let pid: i32 = it.next()?.parse().ok()?;
-    let start: u64 = it.next()?.parse().ok()?;
-    exec::procfs::process_alive(pid, Some(start)).then_some(pid)
+    live_pid_file(&daemon_pid_path(run_dir))
 }
 
 /// `<state_dir>/held-out/<volume>`: written by a forced detach; a (re)started

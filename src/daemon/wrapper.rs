@@ -95,6 +95,11 @@ impl Wrap {
         }
     }
 
+    /// The volume it wraps.
+    pub fn volume(&self) -> &str {
+        &self.volume
+    }
+
     /// The observer to give the driver, and what [`Wrap::until_done`] waits on.
     pub fn observer(&self) -> (Arc<dyn PhaseObserver>, Done) {
         (
