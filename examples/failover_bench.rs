@@ -123,7 +123,7 @@ fn args() -> Result<Args, String> {
 }
 
 fn main() {
-    let a = match args() {
+    let mut a = match args() {
         Ok(a) => a,
         Err(e) => {
             eprintln!("failover_bench: {e}");
@@ -141,6 +141,14 @@ fn main() {
         );
         std::process::exit(2);
     }
+    // The daemons' task runs it too, and a task must be an absolute path.
+    a.bin = match a.bin.canonicalize() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("failover_bench: {}: {e}", a.bin.display());
+            std::process::exit(2);
+        }
+    };
     let zk = ZkServer::start();
     progress(&format!("ZooKeeper up at {}", zk.address()));
     let mut summary = Summary::default();

@@ -54,6 +54,7 @@ LOCKED=()
 [ "${CI:-}" = true ] && LOCKED=(--locked)
 LB_ARGS=(--contenders 100)
 TARGET="${CARGO_TARGET_DIR:-target}"
+case $TARGET in /*) ;; *) TARGET="$(pwd)/$TARGET" ;; esac
 
 T0=$(date +%s)
 echo "bench-report: building (release)" >&2
