@@ -154,6 +154,9 @@ detach_budget = "500ms"
 margin = "1s"
 lock_delay = "3s"
 
+[metrics]
+listen = "off"   # two daemons on one host would share the default port
+
 [volumes.data]
 backend = "$BACKEND"
 mount_path = "$WORK/$n/mnt"
