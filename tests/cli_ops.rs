@@ -618,7 +618,17 @@ fn the_control_socket_is_root_only_and_completions_generate() {
 #[test]
 fn a_daemon_restarted_without_zookeeper_fences_its_leftovers_first() {
     let mut lab = Lab::new("nozk");
-    let mut n = lab.node("n1", "");
+    // A watchdog "device" that is a plain file records every pet (NUL) and the
+    // magic close (V).
+    let wd = lab.dir.path().join("n1-watchdog");
+    std::fs::write(&wd, b"").expect("watchdog file");
+    let mut n = lab.node(
+        "n1",
+        &format!(
+            "[watchdog]\nmode = \"device\"\ndevice = \"{}\"\ntimeout = \"2s\"\n",
+            wd.display()
+        ),
+    );
     n.start();
     n.wait_socket();
     n.wait("db running", Duration::from_secs(30), |n| {
@@ -626,6 +636,13 @@ fn a_daemon_restarted_without_zookeeper_fences_its_leftovers_first() {
     });
     n.kill9();
     assert!(mounted(&n.mnt("db")), "kill -9 leaves the mount");
+    let first_run = std::fs::read(&wd).expect("watchdog file");
+    assert!(
+        !first_run.is_empty() && !first_run.contains(&b'V'),
+        "the first run petted and, killed, never disarmed: {first_run:?}"
+    );
+    // (A plain file is written from offset 0 by every run: start the second empty.)
+    std::fs::write(&wd, b"").expect("watchdog file");
     lab.zk.kill();
     // Restarted with ZooKeeper down: it cannot start its lease service, but the
     // device and mount of the earlier run must not stay behind meanwhile.
@@ -662,4 +679,59 @@ fn a_daemon_restarted_without_zookeeper_fences_its_leftovers_first() {
         "fenced before giving up on ZooKeeper\n{}",
         n.log_tail()
     );
+    // The second run armed the watchdog before its leftover fence and, with
+    // nothing exposed any more, petted it while it tried ZooKeeper (a daemon
+    // that cannot reach ZooKeeper must not reset a clean machine); failing
+    // start-up with nothing exposed, it disarmed it.
+    let second_run = std::fs::read(&wd).expect("watchdog file");
+    assert!(
+        second_run.len() >= 2 && second_run[..second_run.len() - 1].iter().all(|b| *b == 0),
+        "pets while waiting for ZooKeeper: {second_run:?}\n{}",
+        n.log_tail()
+    );
+    assert_eq!(
+        second_run.last(),
+        Some(&b'V'),
+        "disarmed on the failed start-up"
+    );
+}
+
+#[test]
+fn a_second_daemon_for_the_same_run_dir_touches_nothing() {
+    let lab = Lab::new("twice");
+    let mut n = lab.node("n1", "");
+    n.start();
+    n.wait_socket();
+    n.wait("db running", Duration::from_secs(30), |n| {
+        n.phase("db") == "running"
+    });
+    let before = n.log();
+    let generation = n.volume("db")["generation"].clone();
+    // Started by hand while the service runs: it must refuse before its
+    // start-up recovery, which would take the running volume for leftovers.
+    let o = Command::new(BIN)
+        .args(["daemon", "--config"])
+        .arg(n.cfg())
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("second daemon");
+    assert!(!o.status.success(), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("already runs with run_dir") && err.contains("touched nothing"),
+        "{}",
+        text(&o)
+    );
+    assert!(!err.contains("leftover"), "{}", text(&o));
+    assert!(mounted(&n.mnt("db")), "{}", n.log_tail());
+    let db = n.volume("db");
+    assert_eq!(db["phase"], "running", "{db}");
+    assert_eq!(db["generation"], generation, "{db}");
+    let log = n.log();
+    assert!(
+        !log[before.len()..].contains("task exited"),
+        "the running task was not disturbed:\n{}",
+        &log[before.len()..]
+    );
+    assert!(n.sigterm().success());
 }

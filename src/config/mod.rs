@@ -40,7 +40,7 @@ pub use model::{
     HostPort, MesosConfig, MetricsConfig, NbdConfig, NbdServer, NodeConfig, TaskConfig, TaskRun,
     VolumeConfig, WatchdogConfig, ZooKeeperAuth, ZooKeeperConfig, ZooKeeperTls, FENCING_KEYS,
 };
-pub use report::{budget_report, effective_toml, report, to_json};
+pub use report::{budget_report, effective_toml, nbd_backstop_note, report, to_json};
 pub use schema::{
     DEFAULT_ACQUIRE_WAIT, DEFAULT_CHROOT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_LABEL_KEY,
     DEFAULT_METRICS_LISTEN, DEFAULT_NBD_DEAD_CONN_TIMEOUT, DEFAULT_NBD_TIMEOUT, DEFAULT_RUN_DIR,

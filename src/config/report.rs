@@ -279,7 +279,32 @@ pub fn budget_report(cfg: &Config, v: &VolumeConfig) -> String {
         "lock_delay",
         fmt_duration(v.fencing.lock_delay)
     );
+    if let Some(note) = nbd_backstop_note(cfg, v) {
+        let _ = writeln!(o, "  note: {note}");
+    }
     o
+}
+
+/// For an NBD volume without the device watchdog: what a dead storage link
+/// does to the fence, and what cuts it short (`None` otherwise).
+pub fn nbd_backstop_note(cfg: &Config, v: &VolumeConfig) -> Option<String> {
+    let Backend::Nbd(n) = &v.backend else {
+        return None;
+    };
+    if matches!(cfg.watchdog, WatchdogConfig::Device { .. }) {
+        return None;
+    }
+    let stall = n.timeout + n.dead_conn_timeout;
+    Some(format!(
+        "volume {} is on NBD and watchdog.mode = \"{}\": a fence whose unmount waits on a dead \
+         NBD link can stall for nbd.timeout + dead_conn_timeout = {} (more than unmount_budget {}), \
+         and only a machine reset cuts that short: set watchdog.mode = \"device\" for NBD \
+         volumes (docs/operations.md, \"The watchdog device\")",
+        v.name,
+        cfg.watchdog.mode(),
+        fmt_duration(stall),
+        fmt_duration(v.fencing.unmount_budget),
+    ))
 }
 
 fn total_verdict(b: &FenceBudget) -> String {

@@ -140,6 +140,37 @@ pub trait EffectRunner: Send + Sync {
 pub trait Watchdog: Send {
     /// Pet it.
     fn pet(&mut self);
+    /// Disarm it on a clean stop (the device's magic close); a no-op for the others.
+    fn disarm(&mut self) {}
+}
+
+/// One watchdog shared by the start-up code (which pets it while nothing is
+/// exposed, before the driver runs) and the driver. Once disarmed it stays
+/// disarmed: a later pet would undo the device's magic close.
+#[derive(Clone)]
+pub struct SharedWatchdog(Arc<Mutex<(Box<dyn Watchdog>, bool)>>);
+
+impl SharedWatchdog {
+    /// Shares `watchdog`.
+    pub fn new(watchdog: Box<dyn Watchdog>) -> Self {
+        SharedWatchdog(Arc::new(Mutex::new((watchdog, false))))
+    }
+}
+
+impl Watchdog for SharedWatchdog {
+    fn pet(&mut self) {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if !g.1 {
+            g.0.pet();
+        }
+    }
+    fn disarm(&mut self) {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if !g.1 {
+            g.1 = true;
+            g.0.disarm();
+        }
+    }
 }
 
 /// No watchdog.

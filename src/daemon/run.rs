@@ -33,7 +33,9 @@ use crate::metrics::Metrics;
 use crate::nbd::KernelNbd;
 
 use super::devwatchdog::DeviceWatchdog;
-use super::driver::{Driver, Input, LeaseNotice, LeasePort, NoWatchdog, VolumeSetup, Watchdog};
+use super::driver::{
+    Driver, Input, LeaseNotice, LeasePort, NoWatchdog, SharedWatchdog, VolumeSetup, Watchdog,
+};
 use super::runner::{Executors, RealRunner, VolumeRuntime};
 use super::systemd::{self, Notifier, SystemdWatchdog};
 
@@ -221,8 +223,30 @@ pub async fn run_mode(mut cfg: Config, mode: Mode) -> anyhow::Result<i32> {
             ))?);
         }
     }
+    // 0. One daemon per run_dir, checked before anything is touched: a second
+    // daemon would take the first one's mounts for leftovers and fence them.
+    let _run_lock = match &mode {
+        Mode::Daemon => Some(lock_run_dir(&cfg.node.run_dir)?),
+        Mode::Exec(_) => None,
+    };
     let cfg = Arc::new(cfg);
     let (ex, _) = executors();
+
+    // The watchdog, armed before the leftovers are fenced and not petted until
+    // they are: a fence that hangs (an unmount over a dead NBD link) is then
+    // cut short by the reset, as in the driver. A device already armed by a
+    // killed predecessor keeps counting from that daemon's end.
+    let notifier = Notifier::from_env().context("NOTIFY_SOCKET")?;
+    let (mut watchdog, pet_every) = arm_watchdog(&cfg)?;
+    for v in &cfg.volumes {
+        if let Some(note) = crate::config::nbd_backstop_note(&cfg, v) {
+            tracing::warn!(volume = %v.name, "{note}");
+        }
+    }
+    let mut early = EarlyWatchdog {
+        watchdog: watchdog.clone(),
+        petter: None,
+    };
 
     // 1. What earlier runs left, fenced at once.
     let mut runtimes = Vec::new();
@@ -237,6 +261,9 @@ pub async fn run_mode(mut cfg: Config, mode: Mode) -> anyhow::Result<i32> {
         runtimes.push(runtime);
         reports.push(report);
     }
+    // Nothing is exposed now: pet until the driver takes over (it may take a
+    // while to reach ZooKeeper), and disarm if start-up fails from here on.
+    early.start(pet_every);
 
     // 2. The lease.
     let lease_cfg = LeaseConfig::from_config(&cfg).context("lease settings")?;
@@ -278,34 +305,7 @@ pub async fn run_mode(mut cfg: Config, mode: Mode) -> anyhow::Result<i32> {
         });
     }
 
-    // 4. systemd, watchdog, driver.
-    let notifier = Notifier::from_env().context("NOTIFY_SOCKET")?;
-    let mut device_watchdog = None;
-    let watchdog: Box<dyn Watchdog> = match &cfg.watchdog {
-        WatchdogConfig::Off => {
-            if let Some(wd) = systemd::watchdog_from_env() {
-                bail!("systemd set WatchdogSec ({}ms) but watchdog.mode = \"off\": the daemon would never pet it and systemd would kill it every {}ms; set watchdog.mode = \"systemd\" with timeout = \"{}s\", or remove WatchdogSec from the unit", wd.as_millis(), wd.as_millis(), wd.as_secs());
-            }
-            Box::new(NoWatchdog)
-        }
-        WatchdogConfig::Systemd { timeout } => {
-            let Some(env_wd) = systemd::watchdog_from_env() else {
-                bail!("watchdog.mode = \"systemd\" but systemd set no WatchdogSec (WATCHDOG_USEC): set WatchdogSec={}s in the unit", timeout.as_secs());
-            };
-            if env_wd > *timeout {
-                bail!("systemd's WatchdogSec ({}ms) is longer than watchdog.timeout ({}ms): the node would be reset too late", env_wd.as_millis(), timeout.as_millis());
-            }
-            let Some(n) = Notifier::from_env()? else {
-                bail!("watchdog.mode = \"systemd\" needs Type=notify (NOTIFY_SOCKET is not set)");
-            };
-            Box::new(SystemdWatchdog(n))
-        }
-        WatchdogConfig::Device { device, .. } => {
-            let wd = DeviceWatchdog::open(device)?;
-            device_watchdog = Some(device.clone());
-            Box::new(wd)
-        }
-    };
+    // 4. The driver.
     let lease_port: Arc<dyn LeasePort> = Arc::new(LeaseAdapter(service.clone()));
     let reports_for_runner: Vec<(String, exec::RecoveryReport)> = cfg
         .volumes
@@ -323,7 +323,7 @@ pub async fn run_mode(mut cfg: Config, mode: Mode) -> anyhow::Result<i32> {
             }
             Arc::new(runner)
         },
-        watchdog,
+        Box::new(watchdog.clone()),
         seed(),
     );
     let mut driver = driver;
@@ -449,6 +449,9 @@ pub async fn run_mode(mut cfg: Config, mode: Mode) -> anyhow::Result<i32> {
             let _ = n.status(&line.join(", "));
         }
     });
+    // From here the driver pets (only while every volume allows it); a
+    // failure no longer disarms: something may be exposed.
+    early.hand_over().await;
     let decisions = match exec_watch {
         None => driver.run(leftovers, shutdown_signal()).await,
         Some(done) => {
@@ -482,12 +485,8 @@ pub async fn run_mode(mut cfg: Config, mode: Mode) -> anyhow::Result<i32> {
         }
     };
     service.shutdown(Duration::from_secs(5)).await;
-    if let Some(path) = device_watchdog {
-        // The driver owned the open device; reopen to write the magic close.
-        if let Ok(wd) = DeviceWatchdog::open(&path) {
-            let _ = wd.disarm();
-        }
-    }
+    // Everything is fenced and released: a clean stop disarms the device.
+    watchdog.disarm();
     if matches!(mode, Mode::Daemon) {
         let _ = std::fs::remove_file(daemon_pid_path(&cfg.node.run_dir));
     }
@@ -529,6 +528,108 @@ impl PidFileGuard {
 impl Drop for PidFileGuard {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Opens the configured watchdog (checking systemd's settings against it);
+/// returns it and how often to pet it while nothing is exposed.
+fn arm_watchdog(cfg: &Config) -> anyhow::Result<(SharedWatchdog, Option<Duration>)> {
+    let (wd, timeout): (Box<dyn Watchdog>, Option<Duration>) = match &cfg.watchdog {
+        WatchdogConfig::Off => {
+            if let Some(wd) = systemd::watchdog_from_env() {
+                bail!("systemd set WatchdogSec ({}ms) but watchdog.mode = \"off\": the daemon would never pet it and systemd would kill it every {}ms; set watchdog.mode = \"systemd\" with timeout = \"{}s\", or remove WatchdogSec from the unit", wd.as_millis(), wd.as_millis(), wd.as_secs());
+            }
+            (Box::new(NoWatchdog), None)
+        }
+        WatchdogConfig::Systemd { timeout } => {
+            let Some(env_wd) = systemd::watchdog_from_env() else {
+                bail!("watchdog.mode = \"systemd\" but systemd set no WatchdogSec (WATCHDOG_USEC): set WatchdogSec={}s in the unit", timeout.as_secs());
+            };
+            if env_wd > *timeout {
+                bail!("systemd's WatchdogSec ({}ms) is longer than watchdog.timeout ({}ms): the node would be reset too late", env_wd.as_millis(), timeout.as_millis());
+            }
+            let Some(n) = Notifier::from_env()? else {
+                bail!("watchdog.mode = \"systemd\" needs Type=notify (NOTIFY_SOCKET is not set)");
+            };
+            (Box::new(SystemdWatchdog(n)), Some(env_wd))
+        }
+        WatchdogConfig::Device { device, timeout } => {
+            if let Some(wd) = systemd::watchdog_from_env() {
+                bail!("systemd set WatchdogSec ({}ms) but watchdog.mode = \"device\": the daemon pets the device, not systemd, so systemd would kill it every {}ms; remove WatchdogSec from the unit", wd.as_millis(), wd.as_millis());
+            }
+            (
+                Box::new(DeviceWatchdog::arm(device, *timeout)?),
+                Some(*timeout),
+            )
+        }
+    };
+    Ok((
+        SharedWatchdog::new(wd),
+        timeout.map(|t| (t / 4).max(Duration::from_millis(50))),
+    ))
+}
+
+/// The watchdog between the leftover fence and the driver: petted on a timer
+/// (nothing is exposed then) and disarmed if start-up fails.
+struct EarlyWatchdog {
+    watchdog: SharedWatchdog,
+    petter: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl EarlyWatchdog {
+    fn start(&mut self, every: Option<Duration>) {
+        let Some(every) = every else { return };
+        let mut wd = self.watchdog.clone();
+        self.petter = Some(tokio::spawn(async move {
+            loop {
+                wd.pet();
+                tokio::time::sleep(every).await;
+            }
+        }));
+    }
+
+    async fn hand_over(mut self) {
+        if let Some(p) = self.petter.take() {
+            p.abort();
+            let _ = p.await;
+        }
+    }
+}
+
+impl Drop for EarlyWatchdog {
+    fn drop(&mut self) {
+        // Still here: start-up failed after the leftovers were fenced.
+        if let Some(p) = self.petter.take() {
+            p.abort();
+            self.watchdog.disarm();
+        }
+    }
+}
+
+/// `<run_dir>/daemon.lock`, held (flock) for the daemon's lifetime.
+fn lock_run_dir(run_dir: &std::path::Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = run_dir.join("daemon.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(l) => Ok(l),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            let who = live_pid_file(&daemon_pid_path(run_dir))
+                .map_or_else(|| "another process".to_string(), |p| format!("pid {p}"));
+            bail!(
+                "another nbd-failover daemon ({who}) already runs with run_dir {} (it holds {}): \
+                 stop it first (systemctl stop nbd-failover); this one touched nothing",
+                run_dir.display(),
+                path.display()
+            )
+        }
+        Err((_, e)) => Err(anyhow::anyhow!("locking {}: {e}", path.display())),
     }
 }
 
