@@ -1,4 +1,4 @@
-//! Kernel NBD suite: real attach/detach through the kernel driver; runs only inside the VM lab.
+//! Kernel NBD suite: real attach/detach through the kernel driver (and the watchdog device the daemon sets up); runs only inside the VM lab.
 //!
 //! Built only with `--features kernel-tests` (so a plain `cargo test` on a
 //! host without the NBD driver leaves it out on purpose), run by
@@ -69,6 +69,10 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     (
         "daemon_death_leaves_attachment_until_recovery",
         daemon_death_leaves_attachment_until_recovery,
+    ),
+    (
+        "watchdog_device_gets_the_configured_timeout_and_disarms",
+        watchdog_device_gets_the_configured_timeout_and_disarms,
     ),
 ];
 
@@ -784,4 +788,38 @@ fn bench(n: usize) {
          median {med:.1} ms, min {min:.1} ms, p90 {p90:.1} ms, max {max:.1} ms \
          (attach median {amed:.1} ms, detach-until-free median {dmed:.1} ms)"
     );
+}
+
+/// softdog, as the daemon arms it: the configured timeout replaces the
+/// module's (60 s here), pets keep it alive, the magic close disarms it.
+fn watchdog_device_gets_the_configured_timeout_and_disarms() {
+    use nbd_failover::daemon::devwatchdog::DeviceWatchdog;
+    use nbd_failover::daemon::Watchdog;
+    let o = sh("modprobe", &["softdog", "soft_margin=60"]);
+    assert!(
+        o.status.success(),
+        "modprobe softdog: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let sys = Path::new("/sys/class/watchdog/watchdog0");
+    wait_until("/dev/watchdog", Duration::from_secs(10), || {
+        Path::new("/dev/watchdog").exists() && sys.join("state").exists()
+    });
+    let attr = |name: &str| {
+        fs::read_to_string(sys.join(name))
+            .unwrap_or_else(|e| panic!("{}/{name}: {e}", sys.display()))
+            .trim()
+            .to_string()
+    };
+    assert_eq!(attr("state"), "inactive");
+    let mut wd = DeviceWatchdog::arm(Path::new("/dev/watchdog"), Duration::from_secs(7))
+        .expect("arming softdog");
+    assert_eq!(attr("state"), "active");
+    assert_eq!(attr("timeout"), "7", "the daemon's timeout, not soft_margin");
+    wd.pet();
+    // A second opener is refused while the daemon has it (single opener).
+    assert!(DeviceWatchdog::open(Path::new("/dev/watchdog")).is_err());
+    Watchdog::disarm(&mut wd);
+    drop(wd);
+    assert_eq!(attr("state"), "inactive", "the magic close disarmed it");
 }
