@@ -815,7 +815,11 @@ fn watchdog_device_gets_the_configured_timeout_and_disarms() {
     let mut wd = DeviceWatchdog::arm(Path::new("/dev/watchdog"), Duration::from_secs(7))
         .expect("arming softdog");
     assert_eq!(attr("state"), "active");
-    assert_eq!(attr("timeout"), "7", "the daemon's timeout, not soft_margin");
+    assert_eq!(
+        attr("timeout"),
+        "7",
+        "the daemon's timeout, not soft_margin"
+    );
     wd.pet();
     // A second opener is refused while the daemon has it (single opener).
     assert!(DeviceWatchdog::open(Path::new("/dev/watchdog")).is_err());
