@@ -4,7 +4,8 @@
 # server restarts; writes history.jsonl and verdict.json to the output dir and
 # exits non-zero when a safety or liveness check fails.
 #
-#   sudo scripts/campaign.sh [--seed N] [--faults N] [--duration S] [--mode host|vm] [--out DIR]
+#   sudo scripts/campaign.sh [--seed N] [--faults N] [--duration S] [--mode host|vm]
+#                            [--watchdog device|systemd] [--out DIR]
 #
 #   --seed N      RNG seed of the schedule (default: from the clock; always printed
 #                 first, with the command that replays it)
@@ -14,11 +15,17 @@
 #                 daemon in its own network namespace
 #   --mode vm     the `nbd` backend (qemu-nbd and the kernel NBD driver) inside a
 #                 virtme-ng VM (TCG), with storage faults and NBD server restarts
+#   --watchdog device   the daemons pet a watchdog device (a FIFO per node); the
+#                 harness plays the kernel's watchdog core and, when one expires,
+#                 resets that node (kills its processes, disconnects its devices,
+#                 unmounts, "reboots" it). Default in vm mode.
+#   --watchdog systemd  the daemons use systemd's watchdog (WATCHDOG=1); the
+#                 harness plays systemd and kills the daemon. Default in host mode.
 #   --out DIR     where history.jsonl, verdict.json and the daemons' logs go
 #                 (default /tmp/nbd-campaign-<seed>; in vm mode copied back there)
 #
 # Environment: CARGO_TARGET_DIR (default target), CI=true (cargo --locked),
-# VNG / VM_KERNEL / VM_TIMEOUT as for scripts/vm-lab.sh.
+# VNG / VM_KERNEL / VM_TIMEOUT as for scripts/vm-lab.sh. docs/campaign.md has the details.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -37,6 +44,7 @@ seed=""
 faults=50
 duration=150
 mode=host
+watchdog=""
 out=""
 while [ $# -gt 0 ]; do
   case $1 in
@@ -45,11 +53,16 @@ while [ $# -gt 0 ]; do
     --duration) duration=${2:?--duration needs seconds}; shift 2 ;;
     --mode) mode=${2:?--mode needs host or vm}; shift 2 ;;
     --out) out=${2:?--out needs a directory}; shift 2 ;;
-    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --watchdog) watchdog=${2:?--watchdog needs device or systemd}; shift 2 ;;
+    -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
   esac
 done
 case $mode in host|vm) ;; *) die "--mode must be host or vm, got '$mode'" ;; esac
+if [ -z "$watchdog" ]; then
+  if [ "$mode" = vm ]; then watchdog=device; else watchdog=systemd; fi
+fi
+case $watchdog in device|systemd) ;; *) die "--watchdog must be device or systemd, got '$watchdog'" ;; esac
 for v in "$faults" "$duration" ${seed:+"$seed"}; do
   case $v in ''|*[!0-9.]*) die "not a number: '$v'" ;; esac
 done
@@ -58,7 +71,7 @@ if [ -z "$seed" ]; then
 fi
 out=${out:-/tmp/nbd-campaign-$seed}
 case $out in /*) ;; *) out=$repo/$out ;; esac
-say "seed $seed (replay: scripts/campaign.sh --seed $seed --faults $faults --duration $duration --mode $mode)"
+say "seed $seed, watchdog $watchdog (replay: scripts/campaign.sh --seed $seed --faults $faults --duration $duration --mode $mode --watchdog $watchdog)"
 
 [ "$(id -u)" -eq 0 ] || die "the campaign needs root (namespaces, loop devices, mount): run 'sudo $0'"
 target=${CARGO_TARGET_DIR:-target}
@@ -79,7 +92,7 @@ mkdir -p "$out"
 
 if [ "$mode" = host ]; then
   CAMPAIGN_SEED=$seed CAMPAIGN_FAULTS=$faults CAMPAIGN_SECONDS=$duration CAMPAIGN_OUT=$out \
-    E2E_BACKEND=image RUST_BACKTRACE=1 "$bin" --ignored --exact campaign --nocapture --test-threads 1
+    CAMPAIGN_WATCHDOG=$watchdog E2E_BACKEND=image RUST_BACKTRACE=1 "$bin" --ignored --exact campaign --nocapture --test-threads 1
   exit $?
 fi
 
@@ -99,7 +112,7 @@ export TMPDIR=/tmp RUST_BACKTRACE=1
 ip link set lo up
 modprobe nbd nbds_max=16 && modprobe loop && modprobe veth || { echo 1 >"$lab/rc"; exit 1; }
 CAMPAIGN_SEED=$seed CAMPAIGN_FAULTS=$faults CAMPAIGN_SECONDS=$duration CAMPAIGN_OUT=$lab/out \
-  E2E_BACKEND=nbd "$bin" --ignored --exact campaign --nocapture --test-threads 1
+  CAMPAIGN_WATCHDOG=$watchdog E2E_BACKEND=nbd "$bin" --ignored --exact campaign --nocapture --test-threads 1
 echo \$? >"$lab/rc"
 INNER
 say "booting $kernel under TCG (virtme-ng, 2 CPUs, 2 GiB; limit ${vm_timeout}s)"

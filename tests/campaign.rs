@@ -51,6 +51,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nbd_failover::core::rng::Rng;
+use nbd_failover::exec::loopdev::{self, KernelLoop, LoopDevices};
+use nbd_failover::nbd::{BackendId, BlockDevices, DetachMode, DetachOptions, KernelNbd};
 use nbd_failover::testkit::records::{self, Record};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -60,8 +62,12 @@ use support::TempDir;
 const BIN: &str = env!("CARGO_BIN_EXE_nbd-failover");
 /// The daemons' ZooKeeper session timeout, seconds (`T`).
 const T: f64 = 4.0;
-/// systemd's `WatchdogSec` as this harness plays it.
+/// systemd's `WatchdogSec` as this harness plays it, and the device watchdog's timeout.
 const WATCHDOG: f64 = 2.0;
+/// How long a node the device watchdog reset stays down ("reboot"), at least.
+const REBOOT: f64 = 1.0;
+/// The volume's name in the daemons' configs.
+const VOLUME: &str = "data";
 /// systemd's `RestartSec` after a daemon exits or the watchdog kills it.
 const RESTART_SEC: f64 = 0.3;
 /// Observation period.
@@ -78,6 +84,26 @@ struct Settings {
     seconds: f64,
     out: PathBuf,
     nbd: bool,
+    /// Which watchdog the daemons run with (`CAMPAIGN_WATCHDOG`).
+    watchdog: WdMode,
+}
+
+/// The daemons' watchdog: systemd's (this harness plays systemd), or a watchdog
+/// device (a FIFO per node; this harness plays the kernel's watchdog core and
+/// resets the node when it expires).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WdMode {
+    Systemd,
+    Device,
+}
+
+impl WdMode {
+    fn name(self) -> &'static str {
+        match self {
+            WdMode::Systemd => "systemd",
+            WdMode::Device => "device",
+        }
+    }
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -90,6 +116,18 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 }
 
 impl Settings {
+    /// The command that replays this run.
+    fn replay(&self) -> String {
+        format!(
+            "scripts/campaign.sh --seed {} --faults {} --duration {} --mode {} --watchdog {}",
+            self.seed,
+            self.faults,
+            self.seconds,
+            if self.nbd { "vm" } else { "host" },
+            self.watchdog.name()
+        )
+    }
+
     fn from_env() -> Settings {
         let seed = env_or("CAMPAIGN_SEED", {
             let t = std::time::SystemTime::now()
@@ -102,12 +140,22 @@ impl Settings {
             Ok("image") | Ok("") | Err(_) => false,
             Ok(other) => panic!("E2E_BACKEND={other:?}: use image or nbd"),
         };
+        // Default: the device watchdog with kernel NBD (VM mode), systemd's on
+        // the host, so both of the daemon's watchdog paths stay covered.
+        let watchdog = match std::env::var("CAMPAIGN_WATCHDOG").as_deref() {
+            Ok("device") => WdMode::Device,
+            Ok("systemd") => WdMode::Systemd,
+            Ok("") | Err(_) if nbd => WdMode::Device,
+            Ok("") | Err(_) => WdMode::Systemd,
+            Ok(other) => panic!("CAMPAIGN_WATCHDOG={other:?}: use device or systemd"),
+        };
         Settings {
             seed,
             faults: env_or("CAMPAIGN_FAULTS", 50),
             seconds: env_or("CAMPAIGN_SECONDS", 150.0),
             out: PathBuf::from(env_or("CAMPAIGN_OUT", format!("/tmp/nbd-campaign-{seed}"))),
             nbd,
+            watchdog,
         }
     }
 }
@@ -565,6 +613,11 @@ struct NodeRt {
     phase: (String, String),
     starts: u32,
     watchdog_kills: u32,
+    /// The node's watchdog device (device mode).
+    wd: Option<DevWd>,
+    /// A reset in progress (device mode): the node is down until it is done.
+    reset: Option<ResetJob>,
+    watchdog_resets: u32,
 }
 
 impl NodeRt {
@@ -583,6 +636,405 @@ impl NodeRt {
     fn sock(&self) -> PathBuf {
         self.dir.join("notify.sock")
     }
+    fn run_dir(&self) -> PathBuf {
+        self.dir.join("run")
+    }
+    /// The watchdog device the daemon opens (a FIFO, device mode).
+    fn wd_path(&self) -> PathBuf {
+        self.dir.join("watchdog")
+    }
+    /// The name the node's devices are labelled with (`node.shared_kernel`).
+    fn label(&self) -> String {
+        format!("{VOLUME}@{}", self.name)
+    }
+}
+
+// ---------------------------------------------------------------- the device watchdog
+
+/// One node's watchdog device, as the kernel's watchdog core behaves: the
+/// daemon opens a FIFO whose read end this harness holds (non-blocking, for
+/// the whole run, so the daemon's `open(O_WRONLY)` never blocks) and writes a
+/// byte per pet. Opening arms an inactive watchdog (a ping); reopening an
+/// armed one does not ping; every byte is a ping; closing after a magic `V`
+/// (the last byte) disarms it; closing without it (e.g. the daemon was killed)
+/// pings once and leaves it armed. Armed and `WATCHDOG` seconds without a ping:
+/// the node is reset.
+struct DevWd {
+    fifo: fs::File,
+    /// Some process has the device open (the FIFO has a writer).
+    open: bool,
+    armed: bool,
+    /// The last byte written was the magic close character.
+    magic: bool,
+    last_pet: Option<Instant>,
+}
+
+/// What a poll of the watchdog device saw (only the transitions worth a history line).
+enum WdEvent {
+    /// Opened; `armed` when this open armed it.
+    Opened { armed: bool },
+    /// Closed; `magic`: with the magic character (disarmed), else pinged once and still armed.
+    Released { magic: bool },
+}
+
+impl WdEvent {
+    fn json(&self, node: &str) -> Value {
+        match self {
+            WdEvent::Opened { armed } => {
+                json!({"type": "node", "node": node, "event": "watchdog-open", "armed": armed})
+            }
+            WdEvent::Released { magic } => {
+                json!({"type": "node", "node": node, "event": "watchdog-close",
+                    "magic_close": magic, "still_armed": !magic})
+            }
+        }
+    }
+}
+
+impl DevWd {
+    fn create(path: &Path) -> DevWd {
+        use std::os::unix::fs::OpenOptionsExt;
+        let _ = fs::remove_file(path);
+        nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600))
+            .expect("mkfifo for the emulated watchdog device");
+        let fifo = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NONBLOCK)
+            .open(path)
+            .expect("open the emulated watchdog device's read end");
+        DevWd {
+            fifo,
+            open: false,
+            armed: false,
+            magic: false,
+            last_pet: None,
+        }
+    }
+
+    /// Reads what was written since the last poll; returns the transitions.
+    fn poll(&mut self, now: Instant) -> Vec<WdEvent> {
+        let mut events = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.fifo.read(&mut buf) {
+                // No writer (any more).
+                Ok(0) => {
+                    if self.open {
+                        self.open = false;
+                        if self.armed {
+                            if self.magic {
+                                self.armed = false;
+                            } else {
+                                self.last_pet = Some(now);
+                            }
+                        }
+                        events.push(WdEvent::Released { magic: self.magic });
+                    }
+                    return events;
+                }
+                Ok(k) => {
+                    self.opened(now, &mut events);
+                    self.last_pet = Some(now);
+                    self.magic = buf[k - 1] == b'V';
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    self.opened(now, &mut events);
+                    return events;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return events,
+            }
+        }
+    }
+
+    fn opened(&mut self, now: Instant, events: &mut Vec<WdEvent>) {
+        if self.open {
+            return;
+        }
+        self.open = true;
+        self.magic = false;
+        let arms = !self.armed;
+        if arms {
+            self.armed = true;
+            self.last_pet = Some(now);
+        }
+        events.push(WdEvent::Opened { armed: arms });
+    }
+
+    /// Seconds since the last ping when the watchdog has expired.
+    fn expired(&self, now: Instant) -> Option<f64> {
+        let since = now.duration_since(self.last_pet?).as_secs_f64();
+        (self.armed && since > WATCHDOG).then_some(since)
+    }
+
+    /// After the node's reset: the old daemon is gone, the device is inactive
+    /// again (as after a reboot); whatever is left in the FIFO is dropped.
+    fn rebooted(&mut self) {
+        let mut buf = [0u8; 4096];
+        while matches!(self.fifo.read(&mut buf), Ok(k) if k > 0) {}
+        self.open = false;
+        self.armed = false;
+        self.magic = false;
+        self.last_pet = None;
+    }
+}
+
+// ---------------------------------------------------------------- the node reset
+
+/// A node reset in progress: the slow kernel parts run on a thread.
+struct ResetJob {
+    /// `None` once it has finished and been joined.
+    handle: Option<std::thread::JoinHandle<ResetReport>>,
+    /// Index into `World::resets`.
+    record: usize,
+    issued: Instant,
+    /// When the thread was seen finished.
+    done: Option<Instant>,
+}
+
+/// What a node reset did, with campaign times (seconds since t0) of each step.
+#[derive(Default)]
+struct ResetReport {
+    devices: Vec<String>,
+    killed: Vec<String>,
+    killed_at: f64,
+    disconnected_at: Option<f64>,
+    unmounted_at: Option<f64>,
+    daemon_status: Option<String>,
+    daemon_reaped_at: Option<f64>,
+    detached_at: Option<f64>,
+    devices_gone_at: Option<f64>,
+    errors: Vec<String>,
+}
+
+/// One issued reset, for the verdict (and the overlap diagnostics).
+struct ResetRec {
+    node: String,
+    issued_at: f64,
+    since_last_pet: f64,
+    was_paused: bool,
+    report: Option<ResetReport>,
+    back_at: Option<f64>,
+}
+
+/// What the reset thread needs.
+struct ResetInput {
+    name: String,
+    label: String,
+    daemon: Option<Child>,
+    mnt: PathBuf,
+    run_dir: PathBuf,
+    image: PathBuf,
+    nbd: bool,
+    t0: Instant,
+}
+
+/// The node's attached devices: (name, index), from sysfs (and, for loop
+/// devices, their label, read with `LOOP_GET_STATUS64`: this is the node's own
+/// kernel acting, not the observer).
+fn node_devices(nbd: bool, image: &Path, label: &str) -> Vec<(String, u32)> {
+    let mut out = Vec::new();
+    let Ok(rd) = fs::read_dir("/sys/block") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let p = e.path();
+        if nbd {
+            let Some(index) = name.strip_prefix("nbd").and_then(|i| i.parse().ok()) else {
+                continue;
+            };
+            if !p.join("pid").exists() {
+                continue;
+            }
+            let backend = fs::read_to_string(p.join("backend")).unwrap_or_default();
+            if BackendId::parse(&backend).is_some_and(|b| b.volume == label) {
+                out.push((name, index));
+            }
+        } else {
+            let Some(index) = name.strip_prefix("loop").and_then(|i| i.parse().ok()) else {
+                continue;
+            };
+            let Ok(b) = fs::read_to_string(p.join("loop/backing_file")) else {
+                continue;
+            };
+            if Path::new(b.trim()) != image {
+                continue;
+            }
+            if let Ok(Some(st)) = KernelLoop::new().status(index) {
+                if loopdev::label_generation(&st.label, label).is_some() {
+                    out.push((name, index));
+                }
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Whether device `name` is still bound (to anything of this node: the caller
+/// checked the label when it found it).
+fn still_bound(nbd: bool, image: &Path, name: &str) -> bool {
+    let p = Path::new("/sys/block").join(name);
+    if nbd {
+        p.join("pid").exists()
+    } else {
+        fs::read_to_string(p.join("loop/backing_file")).is_ok_and(|b| Path::new(b.trim()) == image)
+    }
+}
+
+/// Processes of the node's task (the record writer, in its own session) and
+/// any process naming one of the node's devices (e2fsck): (pid, cmdline).
+fn node_processes(name: &str, devices: &[(String, u32)]) -> Vec<(i32, String)> {
+    let me = std::process::id() as i32;
+    let mut out = Vec::new();
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return out;
+    };
+    let dev_paths: Vec<String> = devices.iter().map(|(d, _)| format!("/dev/{d}")).collect();
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(raw) = fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = raw
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let writer = args.iter().any(|a| a == "testkit")
+            && args.iter().any(|a| a == "writer")
+            && args.windows(2).any(|w| w[0] == "--node" && w[1] == name);
+        let device_user = args.iter().any(|a| {
+            dev_paths
+                .iter()
+                .any(|d| a == d || a.starts_with(&format!("{d}p")))
+        });
+        if writer || device_user {
+            out.push((pid, args.join(" ").trim().to_string()));
+        }
+    }
+    out
+}
+
+/// The task's process group from its pid file (`<run_dir>/<volume>.task`), if
+/// that process is still one of the node's writers.
+fn task_group(run_dir: &Path, name: &str) -> Option<i32> {
+    let text = fs::read_to_string(run_dir.join(format!("{VOLUME}.task"))).ok()?;
+    let pid: i32 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("pid="))?
+        .trim()
+        .parse()
+        .ok()?;
+    let cmd = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+    (cmd.contains("writer") && cmd.contains(&format!("--node {name}"))).then_some(pid)
+}
+
+/// The reset itself, emulating a power cycle of one node on a shared kernel:
+/// everything of the node is SIGKILLed (daemon, task, a running e2fsck), its
+/// NBD devices disconnected (the sockets shut: no further I/O reaches the
+/// server), its mount lazily detached, its loop devices cleared; returns when
+/// the kernel shows none of its devices any more (or after 30 s).
+fn node_reset(mut inp: ResetInput) -> ResetReport {
+    let t = |inp: &ResetInput| inp.t0.elapsed().as_secs_f64();
+    let mut r = ResetReport::default();
+    let devices = node_devices(inp.nbd, &inp.image, &inp.label);
+    r.devices = devices.iter().map(|(d, _)| d.clone()).collect();
+    // 1. Every process of the node stops at once.
+    if let Some(c) = inp.daemon.as_mut() {
+        let _ = c.kill();
+        r.killed.push(format!("daemon {}", c.id()));
+    }
+    let kill_all = |r: &mut ResetReport| {
+        if let Some(g) = task_group(&inp.run_dir, &inp.name) {
+            let _ = kill(Pid::from_raw(-g), Signal::SIGKILL);
+            r.killed.push(format!("group {g}"));
+        }
+        for (pid, cmd) in node_processes(&inp.name, &devices) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            let cmd: String = cmd.chars().take(120).collect();
+            r.killed.push(format!("{pid} {cmd}"));
+        }
+    };
+    kill_all(&mut r);
+    r.killed_at = t(&inp);
+    // 2. No more I/O from this node reaches the NBD server.
+    if inp.nbd {
+        let nbd = KernelNbd::new();
+        for (d, index) in &devices {
+            let opts = DetachOptions {
+                mode: DetachMode::Force,
+                timeout: Duration::from_secs(2),
+            };
+            if let Err(e) = nbd.detach(*index, &opts) {
+                r.errors.push(format!("disconnect {d}: {e}"));
+            }
+        }
+        r.disconnected_at = Some(t(&inp));
+    }
+    // 3. The mount goes (lazily: the kernel lets go of it when its last user is gone).
+    for _ in 0..5 {
+        match nix::mount::umount2(&inp.mnt, nix::mount::MntFlags::MNT_DETACH) {
+            Ok(()) => {}
+            Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => break,
+            Err(e) => {
+                r.errors
+                    .push(format!("umount -l {}: {e}", inp.mnt.display()));
+                break;
+            }
+        }
+    }
+    r.unmounted_at = Some(t(&inp));
+    // 4. The daemon is gone (it may have been blocked on the device).
+    if let Some(mut c) = inp.daemon.take() {
+        r.daemon_status = Some(match c.wait() {
+            Ok(st) => st.to_string(),
+            Err(e) => format!("wait: {e}"),
+        });
+        r.daemon_reaped_at = Some(t(&inp));
+    }
+    // Anything the daemon started meanwhile.
+    kill_all(&mut r);
+    // 5. Loop devices: clear them (a mounted one clears itself once the lazy unmount is through).
+    if !inp.nbd && !devices.is_empty() {
+        let loops = KernelLoop::new();
+        for (d, index) in &devices {
+            if let Err(e) = loops.detach(*index, &inp.label, Duration::from_secs(10)) {
+                r.errors.push(format!("detach {d}: {e}"));
+            }
+        }
+        r.detached_at = Some(t(&inp));
+    }
+    // 6. Wait until the kernel shows none of them.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if devices
+            .iter()
+            .all(|(d, _)| !still_bound(inp.nbd, &inp.image, d))
+        {
+            r.devices_gone_at = Some(t(&inp));
+            break;
+        }
+        if Instant::now() > deadline {
+            r.errors.push(format!(
+                "still bound 30s after the reset: {:?}",
+                devices
+                    .iter()
+                    .filter(|(d, _)| still_bound(inp.nbd, &inp.image, d))
+                    .map(|(d, _)| d)
+                    .collect::<Vec<_>>()
+            ));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    r
 }
 
 /// Reads what was appended to `path` since `off`; returns complete lines (keeps a partial one).
@@ -623,6 +1075,15 @@ fn short(line: &str) -> String {
 
 // ---------------------------------------------------------------- the world
 
+/// Two or more devices bound to the image at once.
+struct Overlap {
+    from: f64,
+    to: f64,
+    devices: Vec<String>,
+    /// Device → (node, generation) of every device seen during the overlap.
+    owners: BTreeMap<String, (String, u64)>,
+}
+
 #[derive(Clone, Debug)]
 struct Segment {
     node: String,
@@ -652,9 +1113,13 @@ struct World {
     active: Vec<Active>,
     // storage side
     attached: Vec<String>,
-    overlap_since: Option<f64>,
-    overlaps: Vec<(f64, f64, Vec<String>)>,
+    overlap_open: Option<Overlap>,
+    overlaps: Vec<Overlap>,
     max_attached: usize,
+    /// Loop device → (node, generation), from the daemons' "loop device attached" lines.
+    loop_owner: BTreeMap<String, (String, u64)>,
+    /// Node resets by the (emulated) device watchdog.
+    resets: Vec<ResetRec>,
     // records side
     segments: Vec<Segment>,
     max_gen: u64,
@@ -694,12 +1159,17 @@ impl World {
             }
             None => Command::new(BIN),
         };
-        let child = cmd
-            .args(["daemon", "--config"])
+        cmd.args(["daemon", "--config"])
             .arg(n.cfg())
             .env("RUST_LOG", "info")
             .env("NOTIFY_SOCKET", n.sock())
-            .env("WATCHDOG_USEC", format!("{}", (WATCHDOG * 1e6) as u64))
+            .env_remove("WATCHDOG_USEC");
+        if self.s.watchdog == WdMode::Systemd {
+            // `WatchdogSec=`; with the device watchdog the unit has none
+            // (`Type=notify` stays: READY=1 and STATUS= are harmless).
+            cmd.env("WATCHDOG_USEC", format!("{}", (WATCHDOG * 1e6) as u64));
+        }
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(o)
             .stderr(e)
@@ -716,20 +1186,22 @@ impl World {
         self.record(json!({"type": "daemon", "node": name, "event": "started", "pid": pid}));
     }
 
-    /// One observation step: supervise the daemons, play systemd's watchdog,
-    /// sample the devices, tail acks and logs.
+    /// One observation step: supervise the daemons, play systemd's watchdog
+    /// or the kernel's watchdog device (and reset nodes), sample the devices,
+    /// tail acks and logs.
     fn tick(&mut self) {
         let now = Instant::now();
         for i in 0..self.nodes.len() {
             // systemd's notify socket.
             let mut buf = [0u8; 512];
+            let systemd_wd = self.s.watchdog == WdMode::Systemd;
             loop {
                 let n = &mut self.nodes[i];
                 match n.notify.recv(&mut buf) {
                     Ok(k) => {
                         let msg = String::from_utf8_lossy(&buf[..k]).into_owned();
                         for l in msg.lines() {
-                            if l == "WATCHDOG=1" || l == "READY=1" {
+                            if systemd_wd && (l == "WATCHDOG=1" || l == "READY=1") {
                                 n.armed = true;
                                 n.last_pet = Some(now);
                             }
@@ -737,6 +1209,11 @@ impl World {
                     }
                     Err(_) => break,
                 }
+            }
+            // A node being reset is down until the reset is through and it has "rebooted".
+            if self.nodes[i].reset.is_some() {
+                self.poll_reset(i, now);
+                continue;
             }
             // Reap.
             let exited = match self.nodes[i].child.as_mut() {
@@ -768,6 +1245,13 @@ impl World {
                     "since_last_pet": since, "was_paused": paused, "status": st}),
                 );
             }
+            // The watchdog device: the node is reset when it expires.
+            if self.s.watchdog == WdMode::Device {
+                self.poll_device_watchdog(i, now);
+                if self.nodes[i].reset.is_some() {
+                    continue;
+                }
+            }
             // Restart=always.
             let n = &self.nodes[i];
             if n.child.is_none() && !n.hold && n.restart_at.is_some_and(|r| now >= r) {
@@ -777,6 +1261,153 @@ impl World {
         self.sample_devices();
         self.tail_acks();
         self.tail_logs();
+    }
+
+    /// While the daemons stop: the watchdog devices' transitions, and an
+    /// expiry (which would reset the node) as a problem, once per node.
+    fn watch_stop(&mut self, expired: &mut Vec<String>) {
+        let now = Instant::now();
+        for i in 0..self.nodes.len() {
+            let name = self.nodes[i].name.clone();
+            let Some(wd) = self.nodes[i].wd.as_mut() else {
+                continue;
+            };
+            let events = wd.poll(now);
+            let since = wd.expired(now);
+            for e in events {
+                self.record(e.json(&name));
+            }
+            let tag = format!("{name}'s watchdog device expired");
+            if let Some(since) = since {
+                if !expired.iter().any(|e| e.starts_with(&tag)) {
+                    self.record(json!({"type": "node", "node": name, "event": "watchdog-expired-while-stopping",
+                        "since_last_pet": r3(since)}));
+                    expired.push(format!(
+                        "{tag} while the daemon stopped on SIGTERM ({since:.2}s without a ping): the node would reset"
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Plays the kernel's watchdog core for node `i`'s device; resets the node when it expires.
+    fn poll_device_watchdog(&mut self, i: usize, now: Instant) {
+        let Some(wd) = self.nodes[i].wd.as_mut() else {
+            return;
+        };
+        let events = wd.poll(now);
+        let expired = wd.expired(now);
+        let name = self.nodes[i].name.clone();
+        for e in events {
+            self.record(e.json(&name));
+        }
+        if let Some(since) = expired {
+            self.reset_node(i, since);
+        }
+    }
+
+    /// The watchdog expired: reset node `i` (see [`node_reset`]); the slow
+    /// parts run on a thread, the node is down until it has finished.
+    fn reset_node(&mut self, i: usize, since_last_pet: f64) {
+        let issued_at = self.now();
+        let devices: Vec<String> = self
+            .attached
+            .iter()
+            .filter(|d| self.owner(d).is_some_and(|(n, _)| n == self.nodes[i].name))
+            .cloned()
+            .collect();
+        let n = &mut self.nodes[i];
+        let was_paused = n.paused;
+        let daemon = n.child.take();
+        let pid = daemon.as_ref().map(Child::id);
+        n.paused = false;
+        n.armed = false;
+        n.watchdog_resets += 1;
+        let inp = ResetInput {
+            name: n.name.clone(),
+            label: n.label(),
+            daemon,
+            mnt: n.mnt(),
+            run_dir: n.run_dir(),
+            image: self.image.clone(),
+            nbd: self.s.nbd,
+            t0: self.t0,
+        };
+        let name = n.name.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("reset-{name}"))
+            .spawn(move || node_reset(inp))
+            .expect("reset thread");
+        n.reset = Some(ResetJob {
+            handle: Some(handle),
+            record: self.resets.len(),
+            issued: Instant::now(),
+            done: None,
+        });
+        self.resets.push(ResetRec {
+            node: name.clone(),
+            issued_at,
+            since_last_pet,
+            was_paused,
+            report: None,
+            back_at: None,
+        });
+        self.record(
+            json!({"type": "node", "event": "watchdog-reset", "node": name,
+            "since_last_pet": r3(since_last_pet), "was_paused": was_paused,
+            "daemon_pid": pid, "devices": devices}),
+        );
+    }
+
+    /// A reset in progress on node `i`: when its thread is done, record what it
+    /// did; after the reboot time, the node is up again (its run_dir, a tmpfs
+    /// on a real node, is emptied; the watchdog is inactive) and systemd starts
+    /// the daemon.
+    fn poll_reset(&mut self, i: usize, now: Instant) {
+        let n = &mut self.nodes[i];
+        let job = n.reset.as_mut().expect("reset");
+        let rec = job.record;
+        if let Some(h) = job.handle.take() {
+            if !h.is_finished() {
+                job.handle = Some(h);
+                return;
+            }
+            job.done = Some(now);
+            let report = h.join().unwrap_or_else(|_| ResetReport {
+                errors: vec!["the reset thread panicked".into()],
+                ..ResetReport::default()
+            });
+            let name = n.name.clone();
+            let v = json!({"type": "node", "event": "reset-done", "node": name,
+                "devices": report.devices, "killed": report.killed,
+                "killed_at": r3(report.killed_at),
+                "disconnected_at": report.disconnected_at.map(r3),
+                "unmounted_at": report.unmounted_at.map(r3),
+                "daemon_status": report.daemon_status,
+                "daemon_reaped_at": report.daemon_reaped_at.map(r3),
+                "detached_at": report.detached_at.map(r3),
+                "devices_gone_at": report.devices_gone_at.map(r3),
+                "errors": report.errors});
+            self.resets[rec].report = Some(report);
+            self.record(v);
+            return;
+        }
+        if now < job.issued + Duration::from_secs_f64(REBOOT) {
+            return;
+        }
+        n.reset = None;
+        if let Ok(rd) = fs::read_dir(n.run_dir()) {
+            for e in rd.flatten() {
+                let _ = fs::remove_file(e.path()).or_else(|_| fs::remove_dir_all(e.path()));
+            }
+        }
+        if let Some(wd) = n.wd.as_mut() {
+            wd.rebooted();
+        }
+        n.restart_at = Some(now);
+        let name = n.name.clone();
+        self.resets[rec].back_at = Some(self.now());
+        self.record(json!({"type": "node", "event": "rebooted", "node": name}));
     }
 
     fn sample_devices(&mut self) {
@@ -806,16 +1437,39 @@ impl World {
         if devs != self.attached {
             let t = self.now();
             self.max_attached = self.max_attached.max(devs.len());
-            if devs.len() >= 2 && self.overlap_since.is_none() {
-                self.overlap_since = Some(t);
+            if devs.len() >= 2 {
+                let owners: Vec<(String, (String, u64))> = devs
+                    .iter()
+                    .filter_map(|d| Some((d.clone(), self.owner(d)?)))
+                    .collect();
+                let o = self.overlap_open.get_or_insert_with(|| Overlap {
+                    from: t,
+                    to: t,
+                    devices: Vec::new(),
+                    owners: BTreeMap::new(),
+                });
+                o.owners.extend(owners);
             }
             if devs.len() < 2 {
-                if let Some(s) = self.overlap_since.take() {
-                    self.overlaps.push((s, t, self.attached.clone()));
+                if let Some(mut o) = self.overlap_open.take() {
+                    o.to = t;
+                    o.devices = self.attached.clone();
+                    self.overlaps.push(o);
                 }
             }
             self.attached = devs.clone();
             self.record(json!({"type": "attached", "devices": devs, "overlap": devs.len() >= 2}));
+        }
+    }
+
+    /// Whose device `dev` (as `sample_devices` names it) is: (node, generation).
+    fn owner(&self, dev: &str) -> Option<(String, u64)> {
+        if self.s.nbd {
+            let b = BackendId::parse(dev.split_once(' ')?.1)?;
+            let node = b.volume.split_once('@')?.1.to_string();
+            Some((node, b.generation.0))
+        } else {
+            self.loop_owner.get(dev).cloned()
         }
     }
 
@@ -900,6 +1554,15 @@ impl World {
             let (path, name) = (n.log(), n.name.clone());
             let lines = tail(&path, &mut n.log_off, &mut n.log_rest);
             for l in lines {
+                if l.contains("loop device attached") {
+                    let dev = field(&l, "device").and_then(|d| d.strip_prefix("/dev/"));
+                    let gen = field(&l, "label")
+                        .and_then(loopdev::parse_loop_label)
+                        .map(|(_, g)| g.0);
+                    if let (Some(dev), Some(gen)) = (dev, gen) {
+                        self.loop_owner.insert(dev.to_string(), (name.clone(), gen));
+                    }
+                }
                 if let Some(phase) = field(&l, "phase") {
                     let generation = field(&l, "generation").unwrap_or("-").to_string();
                     let key = (phase.to_string(), generation.clone());
@@ -1155,6 +1818,13 @@ fn node_config(w: &World, i: usize, chroot: &str) -> String {
             w.image.display()
         )
     };
+    let watchdog = match w.s.watchdog {
+        WdMode::Systemd => "[watchdog]\nmode = \"systemd\"\ntimeout = \"2s\"\n".to_string(),
+        WdMode::Device => format!(
+            "[watchdog]\nmode = \"device\"\ndevice = \"{}\"\ntimeout = \"2s\"\n",
+            n.wd_path().display()
+        ),
+    };
     format!(
         r#"[node]
 id = "{name}"
@@ -1175,10 +1845,7 @@ detach_budget = "500ms"
 margin = "500ms"
 lock_delay = "2s"
 
-[watchdog]
-mode = "systemd"
-timeout = "2s"
-
+{watchdog}
 [volumes.data]
 mount_path = "{mnt}"
 filesystem = "ext4"
@@ -1203,17 +1870,15 @@ fn campaign() {
     let s = Settings::from_env();
     let mode = if s.nbd { "vm" } else { "host" };
     println!(
-        "campaign: seed {} ({} faults max, {}s of faults, backend {}, out {})",
+        "campaign: seed {} ({} faults max, {}s of faults, backend {}, watchdog {}, out {})",
         s.seed,
         s.faults,
         s.seconds,
         if s.nbd { "nbd" } else { "image" },
+        s.watchdog.name(),
         s.out.display()
     );
-    println!(
-        "campaign: replay with: scripts/campaign.sh --seed {} --faults {} --duration {} --mode {mode}",
-        s.seed, s.faults, s.seconds
-    );
+    println!("campaign: replay with: {}", s.replay());
     let schedule = plan(&s);
     fs::create_dir_all(&s.out).expect("output dir");
     let wall = Instant::now();
@@ -1247,6 +1912,7 @@ fn campaign() {
         let sock = ndir.join("notify.sock");
         let notify = UnixDatagram::bind(&sock).expect("notify socket");
         notify.set_nonblocking(true).expect("nonblocking");
+        let wd = (s.watchdog == WdMode::Device).then(|| DevWd::create(&ndir.join("watchdog")));
         nodes.push(NodeRt {
             name,
             dir: ndir,
@@ -1264,6 +1930,9 @@ fn campaign() {
             phase: (String::new(), String::new()),
             starts: 0,
             watchdog_kills: 0,
+            wd,
+            reset: None,
+            watchdog_resets: 0,
         });
     }
     let mut w = World {
@@ -1278,9 +1947,11 @@ fn campaign() {
         nbd_server: None,
         active: Vec::new(),
         attached: Vec::new(),
-        overlap_since: None,
+        overlap_open: None,
         overlaps: Vec::new(),
         max_attached: 0,
+        loop_owner: BTreeMap::new(),
+        resets: Vec::new(),
         segments: Vec::new(),
         max_gen: 0,
         stale_acks: Vec::new(),
@@ -1295,7 +1966,8 @@ fn campaign() {
     };
     w.record(
         json!({"type": "campaign", "seed": s.seed, "faults": s.faults, "seconds": s.seconds,
-        "backend": if s.nbd { "nbd" } else { "image" }, "planned": schedule.len()}),
+        "backend": if s.nbd { "nbd" } else { "image" }, "watchdog": s.watchdog.name(),
+        "planned": schedule.len(), "replay": s.replay()}),
     );
     for (k, p) in schedule.iter().enumerate() {
         w.record(
@@ -1376,6 +2048,26 @@ fn campaign() {
     let recovered = (w.acks >= acks_at_heal + 50).then(|| w.now() - healed);
     w.run_until(Instant::now() + Duration::from_secs(2));
     let campaign_end = w.now();
+    // A node still being reset comes back up before the daemons are stopped.
+    let mut stop_problems = Vec::new();
+    let limit = Instant::now() + Duration::from_secs(60);
+    while w
+        .nodes
+        .iter()
+        .any(|n| n.reset.is_some() || n.child.is_none())
+    {
+        if Instant::now() > limit {
+            for n in &w.nodes {
+                if n.reset.is_some() {
+                    stop_problems.push(format!("{}'s reset did not finish", n.name));
+                } else if n.child.is_none() {
+                    stop_problems.push(format!("{}'s daemon is not running", n.name));
+                }
+            }
+            break;
+        }
+        w.run_until(Instant::now() + TICK);
+    }
     // Stop every daemon: they fence and release.
     w.record(json!({"type": "campaign", "event": "stopping"}));
     for n in &w.nodes {
@@ -1384,8 +2076,10 @@ fn campaign() {
             signal(c, Signal::SIGTERM);
         }
     }
-    let mut stop_problems = Vec::new();
     let stop_deadline = Instant::now() + Duration::from_secs(30);
+    // The watchdog device stays emulated (no resets now): a clean stop must
+    // disarm it, and must not leave it unpetted for longer than its timeout.
+    let mut stop_expired: Vec<String> = Vec::new();
     for i in 0..NODES {
         w.nodes[i].hold = true;
     }
@@ -1411,6 +2105,7 @@ fn campaign() {
         w.sample_devices();
         w.tail_acks();
         w.tail_logs();
+        w.watch_stop(&mut stop_expired);
         if running == 0 {
             break;
         }
@@ -1422,10 +2117,21 @@ fn campaign() {
         }
         std::thread::sleep(TICK);
     }
-    if let Some(since) = w.overlap_since.take() {
-        let t = w.now();
-        let a = w.attached.clone();
-        w.overlaps.push((since, t, a));
+    std::thread::sleep(TICK);
+    w.watch_stop(&mut stop_expired);
+    stop_problems.extend(stop_expired);
+    for n in &w.nodes {
+        if n.wd.as_ref().is_some_and(|wd| wd.armed) {
+            stop_problems.push(format!(
+                "{}'s watchdog device is still armed after the daemon stopped (no magic close): the node would reset",
+                n.name
+            ));
+        }
+    }
+    if let Some(mut o) = w.overlap_open.take() {
+        o.to = w.now();
+        o.devices = w.attached.clone();
+        w.overlaps.push(o);
     }
     let left_attached = w.attached.clone();
     if let Some(c) = w.nbd_server.take() {
@@ -1488,7 +2194,48 @@ fn campaign() {
     failovers.sort_by(f64::total_cmp);
     let window = campaign_end - faults_start;
     let availability = if window > 0.0 { w.served / window } else { 0.0 };
-    let overlap_secs: f64 = w.overlaps.iter().map(|(a, b, _)| b - a).sum();
+    let overlap_secs: f64 = w.overlaps.iter().map(|o| o.to - o.from).sum();
+    // Diagnostics only (never an excuse): whose device was the stale one, and
+    // whether that node's watchdog reset had been issued before the overlap began.
+    let overlaps_json: Vec<Value> = w
+        .overlaps
+        .iter()
+        .map(|o| {
+            let stale = o.owners.iter().min_by_key(|(_, (_, g))| *g);
+            let reset = stale.and_then(|(_, (node, _))| {
+                w.resets
+                    .iter()
+                    .rfind(|r| &r.node == node && r.issued_at <= o.from)
+            });
+            json!({
+                "from": r3(o.from), "to": r3(o.to), "seconds": r3(o.to - o.from), "devices": o.devices,
+                "owners": o.owners.iter().map(|(d, (n, g))| json!({"device": d, "node": n, "generation": g})).collect::<Vec<_>>(),
+                "stale_node": stale.map(|(_, (n, _))| n),
+                "stale_device": stale.map(|(d, _)| d),
+                "stale_generation": stale.map(|(_, (_, g))| g),
+                "reset_issued_at": reset.map(|r| r3(r.issued_at)),
+                "reset_devices_gone_at": reset.and_then(|r| r.report.as_ref()?.devices_gone_at.map(r3)),
+            })
+        })
+        .collect();
+    let resets_json: Vec<Value> = w
+        .resets
+        .iter()
+        .map(|r| {
+            let rep = r.report.as_ref();
+            json!({
+                "node": r.node, "issued_at": r3(r.issued_at), "since_last_pet": r3(r.since_last_pet),
+                "was_paused": r.was_paused,
+                "devices": rep.map(|p| p.devices.clone()),
+                "killed_at": rep.map(|p| r3(p.killed_at)),
+                "disconnected_at": rep.and_then(|p| p.disconnected_at.map(r3)),
+                "daemon_reaped_at": rep.and_then(|p| p.daemon_reaped_at.map(r3)),
+                "devices_gone_at": rep.and_then(|p| p.devices_gone_at.map(r3)),
+                "errors": rep.map(|p| p.errors.clone()),
+                "back_at": r.back_at.map(r3),
+            })
+        })
+        .collect();
     let checker_problems: Vec<String> = checker
         .as_ref()
         .map(|v| v.problems.clone())
@@ -1531,11 +2278,12 @@ fn campaign() {
         "seed": s.seed,
         "mode": mode,
         "backend": if s.nbd { "nbd" } else { "image" },
-        "replay": format!("scripts/campaign.sh --seed {} --faults {} --duration {} --mode {mode}", s.seed, s.faults, s.seconds),
+        "watchdog": s.watchdog.name(),
+        "replay": s.replay(),
         "faults": {"planned": schedule.len(), "applied": applied, "skipped": w.skipped, "by_kind": w.applied},
         "safety": {
             "ok": failures.is_empty(),
-            "storage_overlaps": w.overlaps.iter().map(|(a, b, d)| json!({"from": r3(*a), "to": r3(*b), "devices": d})).collect::<Vec<_>>(),
+            "storage_overlaps": overlaps_json,
             "max_attached_at_once": w.max_attached,
             "stale_acks": w.stale_acks.len(),
             "interleaved_writers": w.interleaved,
@@ -1566,7 +2314,9 @@ fn campaign() {
             "count": w.outages.len(),
             "longest_s": r3(w.outages.iter().map(|(a, b)| b - a).fold(0.0, f64::max)),
         },
-        "daemons": w.nodes.iter().map(|n| json!({"node": n.name, "starts": n.starts, "watchdog_kills": n.watchdog_kills})).collect::<Vec<_>>(),
+        "daemons": w.nodes.iter().map(|n| json!({"node": n.name, "starts": n.starts,
+            "watchdog_kills": n.watchdog_kills, "watchdog_resets": n.watchdog_resets})).collect::<Vec<_>>(),
+        "watchdog_resets": resets_json,
         "daemon_warnings": w.warnings,
         "wall_s": r3(wall.elapsed().as_secs_f64()),
     });
@@ -1587,9 +2337,10 @@ fn campaign() {
         s.out.join("verdict.json").display()
     );
     println!(
-        "campaign: seed {} {}: {} faults, availability {:.1}%, {} failovers p50 {:.2}s p99 {:.2}s max {:.2}s, {} overlaps, {} lost acknowledged records, fsck {}, wall {:.0}s",
+        "campaign: seed {} {} (watchdog {}): {} faults, availability {:.1}%, {} failovers p50 {:.2}s p99 {:.2}s max {:.2}s, {} overlaps, {} lost acknowledged records, fsck {}, {} watchdog kills, {} node resets, wall {:.0}s",
         s.seed,
         if failures.is_empty() && liveness.is_empty() { "PASS" } else { "FAIL" },
+        s.watchdog.name(),
         applied,
         availability * 100.0,
         failovers.len(),
@@ -1599,22 +2350,20 @@ fn campaign() {
         w.overlaps.len(),
         lost.len(),
         if fsck_ok { "clean" } else { "NOT CLEAN" },
+        w.nodes.iter().map(|n| n.watchdog_kills).sum::<u32>(),
+        w.resets.len(),
         wall.elapsed().as_secs_f64()
     );
     assert!(
         failures.is_empty(),
-        "SAFETY FAILED (seed {}): {failures:?}; replay: scripts/campaign.sh --seed {} --faults {} --duration {} --mode {mode}",
+        "SAFETY FAILED (seed {}): {failures:?}; replay: {}",
         s.seed,
-        s.seed,
-        s.faults,
-        s.seconds
+        s.replay()
     );
     assert!(
         liveness.is_empty(),
-        "LIVENESS FAILED (seed {}): {liveness:?}; replay: scripts/campaign.sh --seed {} --faults {} --duration {} --mode {mode}",
+        "LIVENESS FAILED (seed {}): {liveness:?}; replay: {}",
         s.seed,
-        s.seed,
-        s.faults,
-        s.seconds
+        s.replay()
     );
 }
