@@ -22,12 +22,21 @@
 //! Faults. Both-way partitions (link down), one-way drops (a blackhole route on
 //! the sending side: node→server or server→node), kill -9 of a daemon
 //! (restarted after a short down time, as systemd's `Restart=` would), SIGSTOP
-//! of a daemon for up to 2 T (the daemons run with the systemd watchdog; this
-//! harness plays systemd and kills a daemon that stops sending `WATCHDOG=1`
-//! for `WatchdogSec`, then restarts it), ZooKeeper restarts (kill -9, same data
-//! dir) and freezes (SIGSTOP), and with `nbd` the storage path faults and
-//! `qemu-nbd` restarts. With the `image` backend there is no storage network
-//! (the loop device reads a local file), so there are no storage faults.
+//! of a daemon for up to 2 T (past the watchdog's 2 s the watchdog acts, see
+//! below), ZooKeeper restarts (kill -9, same data dir) and freezes (SIGSTOP),
+//! and with `nbd` the storage path faults and `qemu-nbd` restarts. With the
+//! `image` backend there is no storage network (the loop device reads a local
+//! file), so there are no storage faults.
+//!
+//! Watchdog (`CAMPAIGN_WATCHDOG`, default `device` with `nbd`, `systemd` with
+//! `image`). `systemd`: this harness plays systemd and kills a daemon that
+//! stops sending `WATCHDOG=1` for `WatchdogSec`, then restarts it. `device`:
+//! each daemon pets a watchdog "device", a FIFO in its node directory; this
+//! harness plays the kernel's watchdog core ([`DevWd`]) and, when one expires,
+//! resets that node ([`node_reset`]: everything of the node killed, its NBD
+//! devices disconnected, its mount lazily detached, its loop devices cleared,
+//! then a short "reboot"), since nodes sharing one kernel cannot really be
+//! reset.
 //!
 //! Observation, every 20 ms: the devices bound to the image, from the kernel's
 //! side (loop `backing_file`, nbd `pid`/`backend` in sysfs) — two at once is an
@@ -944,13 +953,17 @@ fn task_group(run_dir: &Path, name: &str) -> Option<i32> {
 fn node_reset(mut inp: ResetInput) -> ResetReport {
     let t = |inp: &ResetInput| inp.t0.elapsed().as_secs_f64();
     let mut r = ResetReport::default();
-    let devices = node_devices(inp.nbd, &inp.image, &inp.label);
-    r.devices = devices.iter().map(|(d, _)| d.clone()).collect();
-    // 1. Every process of the node stops at once.
+    // 1. Every process of the node stops at once (the daemon was SIGKILLed
+    //    already, when the reset was issued).
     if let Some(c) = inp.daemon.as_mut() {
         let _ = c.kill();
         r.killed.push(format!("daemon {}", c.id()));
     }
+    if let Some(g) = task_group(&inp.run_dir, &inp.name) {
+        let _ = kill(Pid::from_raw(-g), Signal::SIGKILL);
+    }
+    let devices = node_devices(inp.nbd, &inp.image, &inp.label);
+    r.devices = devices.iter().map(|(d, _)| d.clone()).collect();
     let kill_all = |r: &mut ResetReport| {
         if let Some(g) = task_group(&inp.run_dir, &inp.name) {
             let _ = kill(Pid::from_raw(-g), Signal::SIGKILL);
@@ -1319,6 +1332,10 @@ impl World {
         let n = &mut self.nodes[i];
         let was_paused = n.paused;
         let daemon = n.child.take();
+        // The daemon stops at once (a reset is instantaneous); the thread reaps it.
+        if let Some(c) = &daemon {
+            signal(c, Signal::SIGKILL);
+        }
         let pid = daemon.as_ref().map(Child::id);
         n.paused = false;
         n.armed = false;
