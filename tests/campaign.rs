@@ -1877,6 +1877,68 @@ exec = ["{BIN}", "testkit", "writer", "--ack", "{ack}", "--node", "{name}", "--i
     )
 }
 
+/// The emulated watchdog device follows the kernel's watchdog core (runs in a
+/// plain `cargo test`: a FIFO needs no privileges).
+#[test]
+fn the_emulated_watchdog_device_behaves_like_the_kernels() {
+    let tmp = TempDir::new("campaign-wd");
+    let path = tmp.path().join("watchdog");
+    let mut wd = DevWd::create(&path);
+    let t0 = Instant::now();
+    let at = |s: f64| t0 + Duration::from_secs_f64(s);
+    let open = || fs::OpenOptions::new().write(true).open(&path).unwrap();
+    // Nobody has it open: inactive.
+    assert!(wd.poll(at(0.0)).is_empty());
+    assert!(!wd.armed && wd.expired(at(10.0)).is_none());
+    // Opening arms it.
+    let mut f = open();
+    assert!(matches!(
+        wd.poll(at(0.0))[..],
+        [WdEvent::Opened { armed: true }]
+    ));
+    assert!(wd.expired(at(1.9)).is_none());
+    assert!(wd.expired(at(2.1)).is_some());
+    // Every byte is a ping.
+    f.write_all(b"\0").unwrap();
+    assert!(wd.poll(at(1.5)).is_empty());
+    assert!(wd.expired(at(3.4)).is_none());
+    // Closed without the magic character (a killed daemon): one ping, still armed.
+    drop(f);
+    assert!(matches!(
+        wd.poll(at(3.0))[..],
+        [WdEvent::Released { magic: false }]
+    ));
+    assert!(wd.armed);
+    assert!(wd.expired(at(4.9)).is_none());
+    assert!(wd.expired(at(5.1)).is_some());
+    // Reopening an armed watchdog does not ping.
+    let mut f = open();
+    assert!(matches!(
+        wd.poll(at(4.0))[..],
+        [WdEvent::Opened { armed: false }]
+    ));
+    assert!(wd.expired(at(5.1)).is_some());
+    // A pet, then the magic close: disarmed.
+    f.write_all(b"\0").unwrap();
+    f.write_all(b"V").unwrap();
+    drop(f);
+    assert!(matches!(
+        wd.poll(at(4.5))[..],
+        [WdEvent::Released { magic: true }]
+    ));
+    assert!(!wd.armed && wd.expired(at(100.0)).is_none());
+    // Opened again: armed again; a reset leaves it inactive.
+    let f = open();
+    assert!(matches!(
+        wd.poll(at(5.0))[..],
+        [WdEvent::Opened { armed: true }]
+    ));
+    drop(f);
+    wd.rebooted();
+    assert!(!wd.armed && wd.expired(at(100.0)).is_none());
+    assert!(wd.poll(at(6.0)).is_empty());
+}
+
 #[test]
 #[ignore = "the fault campaign takes minutes: run scripts/campaign.sh (or this test with --ignored)"]
 fn campaign() {
