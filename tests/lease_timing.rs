@@ -435,3 +435,76 @@ async fn a_lease_lost_with_its_session_is_reported_before_the_next_sessions_cont
         notices.history()
     );
 }
+
+/// Found by the fault campaign (device-watchdog runs): a volume whose lease went with an
+/// expired session was never contended for again. The core answers `Lost` with a fence and
+/// then `Contend`; that `Contend` reached the volume's actor while it still sat in its
+/// held state (its request on the dead session had not failed yet), which ignores
+/// contend/withdraw ("decided before the core saw the win"), and the actor then went idle
+/// on its own: every node stayed `contending` with nothing in the queue. A `Contend` sent
+/// the moment `Lost` arrives must lead to a new win.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contend_right_after_a_lost_session_is_not_dropped() {
+    let _serial = SERIAL.lock().await;
+    let zk = ZkServer::start();
+    let root = chroot("lost-contend");
+    let proxy = Proxy::start(&zk.address());
+    let mut notices = Notices::new();
+    let (a, rx) = LeaseService::start(lease_config(&proxy.address(), &root, "a", T))
+        .await
+        .expect("a starts");
+    notices.add(0, rx);
+    a.contend("vol").expect("contend");
+    let (_, _, won) = notices
+        .wait("a's win", Duration::from_secs(15), |_, n| {
+            matches!(n, LeaseNotice::Won { .. })
+        })
+        .await;
+    let LeaseNotice::Won {
+        generation: first, ..
+    } = won
+    else {
+        unreachable!()
+    };
+    let cut = Instant::now();
+    proxy.blackhole();
+    // Heal after 2 T (the session has expired on the server by then); answer the `Lost`
+    // with a `Contend` the moment it arrives, as the core does when nothing was exposed.
+    let mut healed = false;
+    loop {
+        assert!(
+            cut.elapsed() < 6 * T,
+            "no Lost within {:?}:\n{}",
+            6 * T,
+            notices.history()
+        );
+        if !healed && cut.elapsed() >= 2 * T {
+            proxy.heal();
+            healed = true;
+        }
+        if let Some((_, _, LeaseNotice::Lost { volume, .. })) =
+            notices.next(Duration::from_millis(5)).await
+        {
+            if volume == "vol" {
+                a.contend("vol").expect("contend again");
+                break;
+            }
+        }
+    }
+    if !healed {
+        proxy.heal();
+    }
+    let (_, _, again) = notices
+        .wait("a new win after the loss", 4 * T, |_, n| {
+            matches!(n, LeaseNotice::Won { .. })
+        })
+        .await;
+    let LeaseNotice::Won { generation, .. } = again else {
+        unreachable!()
+    };
+    assert!(
+        generation > first,
+        "a new generation: {generation:?} after {first:?}\n{}",
+        notices.history()
+    );
+}

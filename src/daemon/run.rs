@@ -463,6 +463,9 @@ pub async fn run_mode(mut cfg: Config, mode: Mode) -> anyhow::Result<i32> {
             driver.run(leftovers, ended).await
         }
     };
+    // Every volume is fenced and released: a clean stop disarms the device now,
+    // not after the lease service's shutdown (seconds without a pet).
+    watchdog.disarm();
     status_task.abort();
     for b in background {
         b.abort();
@@ -485,8 +488,6 @@ pub async fn run_mode(mut cfg: Config, mode: Mode) -> anyhow::Result<i32> {
         }
     };
     service.shutdown(Duration::from_secs(5)).await;
-    // Everything is fenced and released: a clean stop disarms the device.
-    watchdog.disarm();
     if matches!(mode, Mode::Daemon) {
         let _ = std::fs::remove_file(daemon_pid_path(&cfg.node.run_dir));
     }

@@ -270,6 +270,16 @@ impl Inner {
         }
     }
 
+    /// Whether `volume` won under session `epoch` is still held: no `Lost` (and no release)
+    /// has been reported for it.
+    pub fn still_held(&self, volume: &str, epoch: u64) -> bool {
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(volume)
+            == Some(&epoch)
+    }
+
     /// The core released `volume`: no `Lost` is due for it any more.
     pub fn forget_held(&self, volume: &str) {
         self.held

@@ -572,6 +572,19 @@ impl Actor {
                 self.release_orphan(generation, clean).await;
                 same(node)
             }
+            // The loss of this lease was reported already (its session ended and
+            // `session_ended` said so before this actor noticed): the core's contend or
+            // withdraw is about what comes next, not about this dead lease. Ignoring it here
+            // left the volume uncontended for good (found by the fault campaign).
+            Some(cmd @ (Cmd::Withdraw | Cmd::Contend))
+                if !self.inner.still_held(&self.volume, node.epoch) =>
+            {
+                self.orphans.insert(node.czxid, node.path.clone());
+                match cmd {
+                    Cmd::Contend => State::Queued { node: None },
+                    _ => State::Idle,
+                }
+            }
             // Once `Won` is sent, only the core's `Release` (or a loss) gives the generation
             // back. A `Withdraw` or `Contend` now was decided before the core saw the win
             // (it is still in the channel): when it arrives, the core either takes it (it
