@@ -95,14 +95,14 @@ fi
 campaign=$(grep -o '"executable":"[^"]*campaign-[^"]*"' "$lab/campaign-build.json" | tail -n 1 |
   sed 's/^"executable":"//; s/"$//' || true)
 [ -n "$campaign" ] && [ -x "$campaign" ] || die "cargo built the fault campaign but named no executable for it"
-# CI pins the brief campaign's seed (one that passes). Open finding, for the
-# next session: seed 795713989 (12 faults, 45 s) reproduces a storage-side
-# overlap of 0.66 s: a daemon killed -9 and restarted at once fences its
-# leftovers before connecting to ZooKeeper, but a storage drop-out slows that
-# unmount past T + lock_delay, and in this shared-kernel VM nothing resets the
-# node (that fence also runs before the watchdog is armed). CAMPAIGN_SEED=random
-# picks one from the clock.
-campaign_seed=${CAMPAIGN_SEED:-795712302}
+# CI pins the brief campaign's seed to 795713989 (12 faults, 45 s): the seed
+# that found a storage-side overlap of 0.66 s before the device watchdog was
+# modelled (a daemon killed -9 and restarted at once fenced its leftovers while
+# a storage drop-out stalled that unmount past T + lock_delay). With the
+# watchdog device emulated (the default in VM mode) the node is reset instead:
+# the replay is this finding's regression run. CAMPAIGN_SEED=random picks a seed
+# from the clock; CAMPAIGN_SEED=N replays N.
+campaign_seed=${CAMPAIGN_SEED:-795713989}
 [ "$campaign_seed" = random ] && campaign_seed=$(( $(date +%s) % 1000000007 ))
 say "campaign binary: $campaign (seed $campaign_seed)"
 cat >"$lab/inner.sh" <<INNER
