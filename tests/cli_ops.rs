@@ -17,11 +17,7 @@ use support::lab::*;
 fn status_release_drain_resume_and_break_lock() {
     let lab = Lab::new("ops");
     let mut n = lab.node("n1", "");
-    n.start();
-    n.wait_socket();
-    n.wait("db running", Duration::from_secs(30), |n| {
-        n.phase("db") == "running"
-    });
+    n.start_running("db");
     let s = n.status();
     assert_eq!(s["session_state"], "connected", "{s:#}");
     let db = n.volume("db");
@@ -129,11 +125,7 @@ fn status_release_drain_resume_and_break_lock() {
 fn force_detach_with_the_daemon_alive_and_with_it_killed_or_wedged() {
     let lab = Lab::new("fd");
     let mut n = lab.node("n1", "");
-    n.start();
-    n.wait_socket();
-    n.wait("db running", Duration::from_secs(30), |n| {
-        n.phase("db") == "running"
-    });
+    n.start_running("db");
 
     // Alive: refuses without --yes while the task runs.
     let o = n.cli(&["force-detach", "db"]);
@@ -391,11 +383,7 @@ fn http_get(port: u16, path: &str) -> (u16, String) {
 fn metrics_endpoint_is_scraped_by_metric_name() {
     let lab = Lab::new("met");
     let mut n = lab.node("n1", "");
-    n.start();
-    n.wait_socket();
-    n.wait("db running", Duration::from_secs(30), |n| {
-        n.phase("db") == "running"
-    });
+    n.start_running("db");
     let o = n.cli(&["release", "db"]);
     assert!(o.status.success(), "{}", text(&o));
     n.wait("db running again", Duration::from_secs(20), |n| {
@@ -529,11 +517,7 @@ fn exec_wrapper_passes_the_exit_status_and_exits_75_on_lease_loss() {
 fn the_control_socket_is_root_only_and_completions_generate() {
     let lab = Lab::new("sock");
     let mut n = lab.node("n1", "");
-    n.start();
-    n.wait_socket();
-    n.wait("db running", Duration::from_secs(30), |n| {
-        n.phase("db") == "running"
-    });
+    n.start_running("db");
     use std::os::unix::fs::PermissionsExt;
     let mode = fs::metadata(n.socket())
         .expect("socket")
@@ -629,11 +613,7 @@ fn a_daemon_restarted_without_zookeeper_fences_its_leftovers_first() {
             wd.display()
         ),
     );
-    n.start();
-    n.wait_socket();
-    n.wait("db running", Duration::from_secs(30), |n| {
-        n.phase("db") == "running"
-    });
+    n.start_running("db");
     n.kill9();
     assert!(mounted(&n.mnt("db")), "kill -9 leaves the mount");
     let first_run = std::fs::read(&wd).expect("watchdog file");
@@ -700,11 +680,7 @@ fn a_daemon_restarted_without_zookeeper_fences_its_leftovers_first() {
 fn a_second_daemon_for_the_same_run_dir_touches_nothing() {
     let lab = Lab::new("twice");
     let mut n = lab.node("n1", "");
-    n.start();
-    n.wait_socket();
-    n.wait("db running", Duration::from_secs(30), |n| {
-        n.phase("db") == "running"
-    });
+    n.start_running("db");
     let before = n.log();
     let generation = n.volume("db")["generation"].clone();
     // Started by hand while the service runs: it must refuse before its

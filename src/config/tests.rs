@@ -584,3 +584,21 @@ fn load_reports_unreadable_files_without_position() {
         .to_string()
         .starts_with("/nonexistent/nbd-failover.toml: error: cannot read the config file:"));
 }
+
+#[test]
+fn nbd_volumes_without_the_device_watchdog_are_named_in_the_report() {
+    let cfg = ok(&format!(
+        "{MINIMAL}\n[watchdog]\nmode = \"systemd\"\ntimeout = \"8s\"\n"
+    ));
+    let r = report(&cfg);
+    assert!(
+        r.contains("volume data is on NBD and watchdog.mode = \"systemd\"")
+            && r.contains("nbd.timeout + dead_conn_timeout = 40s"),
+        "{r}"
+    );
+    let cfg = ok(&format!(
+        "{MINIMAL}\n[watchdog]\nmode = \"device\"\ntimeout = \"8s\"\n"
+    ));
+    assert!(nbd_backstop_note(&cfg, &cfg.volumes[0]).is_none());
+    assert!(!report(&cfg).contains("is on NBD"));
+}

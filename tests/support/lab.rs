@@ -156,6 +156,15 @@ impl Node {
         }
     }
 
+    /// Starts the daemon and waits until it answers and `volume` runs.
+    pub fn start_running(&mut self, volume: &str) {
+        self.start();
+        self.wait_socket();
+        self.wait(&format!("{volume} running"), Duration::from_secs(30), |n| {
+            n.phase(volume) == "running"
+        });
+    }
+
     pub fn wait_socket(&self) {
         self.wait("the control socket", Duration::from_secs(30), |n| {
             n.cli(&["status", "--json"]).status.success()
