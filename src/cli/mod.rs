@@ -4,6 +4,7 @@ mod dvdcli;
 mod exec;
 mod mesos;
 mod ops;
+mod testkit;
 
 use std::path::PathBuf;
 
@@ -176,36 +177,7 @@ enum Command {
     },
     /// Test tooling: the record writer task and the history checker.
     #[command(hide = true, subcommand)]
-    Testkit(Testkit),
-}
-
-#[derive(Subcommand, Debug)]
-enum Testkit {
-    /// Append fsync'd records to VOLUME_DIR/records.log, acknowledging each in ACK.
-    Writer {
-        /// The mounted volume (default: $NBD_FAILOVER_MOUNT).
-        #[arg(long, env = "NBD_FAILOVER_MOUNT")]
-        dir: PathBuf,
-        /// Acknowledgement log outside the volume.
-        #[arg(long)]
-        ack: PathBuf,
-        /// Node name to tag records with.
-        #[arg(long)]
-        node: String,
-        /// Lease generation (default: $NBD_FAILOVER_GENERATION).
-        #[arg(long, env = "NBD_FAILOVER_GENERATION")]
-        generation: u64,
-        /// Pause between records, in milliseconds.
-        #[arg(long, default_value_t = 20)]
-        interval_ms: u64,
-    },
-    /// Check a volume's records.log against acknowledgement logs.
-    Check {
-        /// The volume's records.log.
-        log: PathBuf,
-        /// Acknowledgement logs.
-        acks: Vec<PathBuf>,
-    },
+    Testkit(testkit::Testkit),
 }
 
 const DAEMON_HELP: &str = "\
@@ -383,7 +355,7 @@ pub fn main() -> i32 {
             json,
         } => simulate(demo, seed, seeds, trace, json),
         Command::Daemon { config } => daemon(&config),
-        Command::Testkit(t) => testkit(t),
+        Command::Testkit(t) => testkit::run(t),
     }
 }
 
@@ -455,49 +427,6 @@ fn simulate(demo: bool, seed: u64, seeds: u64, trace: bool, json: bool) -> i32 {
         }
     }
     i32::from(failed.is_some())
-}
-
-fn testkit(t: Testkit) -> i32 {
-    use crate::testkit;
-    match t {
-        Testkit::Writer {
-            dir,
-            ack,
-            node,
-            generation,
-            interval_ms,
-        } => {
-            let interval = std::time::Duration::from_millis(interval_ms);
-            match testkit::writer::run(&dir, &ack, &node, generation, interval) {
-                Ok(()) => 0,
-                Err(e) => {
-                    eprintln!("writer: {e}");
-                    1
-                }
-            }
-        }
-        Testkit::Check { log, acks } => {
-            let read = |p: &PathBuf| {
-                std::fs::read(p)
-                    .map(|b| String::from_utf8_lossy(&b).into_owned())
-                    .map_err(|e| format!("{}: {e}", p.display()))
-            };
-            let texts: Result<Vec<String>, String> =
-                std::iter::once(&log).chain(acks.iter()).map(read).collect();
-            match texts {
-                Err(e) => {
-                    eprintln!("check: {e}");
-                    2
-                }
-                Ok(texts) => {
-                    let ack_refs: Vec<&str> = texts[1..].iter().map(String::as_str).collect();
-                    let v = testkit::records::check(&texts[0], &ack_refs);
-                    println!("{v}");
-                    i32::from(!v.ok())
-                }
-            }
-        }
-    }
 }
 
 /// Loads the config or prints its errors (`what` names the subcommand).

@@ -1,4 +1,4 @@
-//! Test tooling shipped in the binary (hidden `testkit` subcommands): the checksummed record writer and its checker, used by the end-to-end tests and the fault campaign.
+//! Test tooling shipped in the binary (hidden `testkit` subcommands): the checksummed record writer and its checker, and the typed node-config builder every lab and demo writes its configs with.
 //!
 //! The writer runs as a volume's task. It appends records tagged with its node
 //! and lease generation to `records.log` on the volume, fsyncs, and only then
@@ -11,5 +11,6 @@
 //! - sequence numbers strictly increase;
 //! - every acknowledged record is in the log (nothing acknowledged was lost).
 
+pub mod node_config;
 pub mod records;
 pub mod writer;
